@@ -1,0 +1,286 @@
+//! The wire types of the contract: events, WebSocket frames, error bodies.
+//!
+//! Server frames are built as JSON text once and shared (an event fanned
+//! out to a thousand sockets is serialized once). Client frames are parsed
+//! strictly: unknown fields are ignored, but wrong types, unknown `type`s
+//! and out-of-range numbers are errors that name what was wrong.
+
+use serde::{Deserialize, Serialize};
+
+/// Event types of the log.
+pub const EVENT_CONVERSATION_CREATED: &str = "conversation.created";
+pub const EVENT_MEMBER_JOINED: &str = "member.joined";
+pub const EVENT_MEMBER_LEFT: &str = "member.left";
+pub const EVENT_MESSAGE_CREATED: &str = "message.created";
+
+/// Longest `client_msg_id` accepted (bytes).
+pub const MAX_CLIENT_MSG_ID: usize = 128;
+
+/// One committed event of a conversation's log.
+///
+/// In JSON the event type is under `"event"` (the WebSocket frame's own
+/// `"type"` is `"event"`, so the two cannot share a key); see
+/// docs/PROTOCOL.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub conversation_id: i64,
+    pub seq: i64,
+    #[serde(rename = "event")]
+    pub kind: String,
+    pub sender: String,
+    /// RFC 3339, UTC, microseconds.
+    pub created_at: String,
+    /// message.created: the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// message.created: the sender's idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    /// member.joined / member.left: the user who joined or left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// conversation.created: the title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// conversation.created: the initial members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<String>>,
+}
+
+impl Event {
+    /// The event as a WebSocket frame: `{"type":"event",...fields...}`.
+    pub fn to_frame(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("events serialize");
+        if let serde_json::Value::Object(map) = &mut v {
+            map.insert("type".into(), "event".into());
+        }
+        v.to_string()
+    }
+
+    /// The event as HTTP JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("events serialize")
+    }
+}
+
+/// A frame from a client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Send {
+        conversation_id: i64,
+        body: String,
+        client_msg_id: String,
+    },
+    Ack {
+        conversation_id: i64,
+        seq: i64,
+    },
+    Ping,
+}
+
+/// Why a client frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    /// Contract error code (`bad_frame`, `invalid_field`, ...).
+    pub code: &'static str,
+    pub message: String,
+    /// The frame's `client_msg_id` when one could be read, so a client can
+    /// match the error to its send.
+    pub client_msg_id: Option<String>,
+}
+
+impl ClientFrame {
+    /// Parses and validates one text frame.
+    pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
+            code: "bad_frame",
+            message: format!("malformed JSON: {e}"),
+            client_msg_id: None,
+        })?;
+        let client_msg_id = value
+            .get("client_msg_id")
+            .and_then(|v| v.as_str())
+            .filter(|s| s.len() <= MAX_CLIENT_MSG_ID)
+            .map(str::to_owned);
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .map(str::to_owned);
+        let frame: ClientFrame = serde_json::from_value(value).map_err(|e| FrameError {
+            code: if matches!(kind.as_deref(), Some("send" | "ack" | "ping")) {
+                "invalid_field"
+            } else {
+                "unknown_type"
+            },
+            message: e.to_string(),
+            client_msg_id: client_msg_id.clone(),
+        })?;
+        let invalid = |message: String| FrameError {
+            code: "invalid_field",
+            message,
+            client_msg_id: client_msg_id.clone(),
+        };
+        match &frame {
+            ClientFrame::Send {
+                conversation_id,
+                client_msg_id: id,
+                ..
+            } => {
+                if *conversation_id <= 0 {
+                    return Err(invalid("conversation_id must be positive".into()));
+                }
+                validate_client_msg_id(id).map_err(|m| invalid(m.into()))?;
+            }
+            ClientFrame::Ack {
+                conversation_id,
+                seq,
+            } => {
+                if *conversation_id <= 0 {
+                    return Err(invalid("conversation_id must be positive".into()));
+                }
+                if *seq < 0 {
+                    return Err(invalid("seq must not be negative".into()));
+                }
+            }
+            ClientFrame::Ping => {}
+        }
+        Ok(frame)
+    }
+}
+
+/// Checks a `client_msg_id`: 1 to 128 bytes, no control characters.
+pub fn validate_client_msg_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID {
+        return Err("client_msg_id must be 1 to 128 bytes");
+    }
+    if id.chars().any(char::is_control) {
+        return Err("client_msg_id must not contain control characters");
+    }
+    Ok(())
+}
+
+/// Builders for the server's frames.
+pub mod server {
+    use serde_json::json;
+
+    pub fn hello(user: &str, worker: &str) -> String {
+        json!({"type": "hello", "user": user, "worker": worker}).to_string()
+    }
+
+    pub fn synced() -> String {
+        r#"{"type":"synced"}"#.to_string()
+    }
+
+    pub fn pong() -> String {
+        r#"{"type":"pong"}"#.to_string()
+    }
+
+    pub fn sent(client_msg_id: &str, conversation_id: i64, seq: i64, duplicate: bool) -> String {
+        json!({
+            "type": "sent",
+            "client_msg_id": client_msg_id,
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "duplicate": duplicate,
+        })
+        .to_string()
+    }
+
+    /// An `error` frame; `retry_after` (seconds) only where retrying helps.
+    pub fn error(
+        code: &str,
+        message: &str,
+        client_msg_id: Option<&str>,
+        retry_after: Option<u64>,
+    ) -> String {
+        let mut v = json!({"type": "error", "code": code, "message": message});
+        if let Some(id) = client_msg_id {
+            v["client_msg_id"] = id.into();
+        }
+        if let Some(s) = retry_after {
+            v["retry_after"] = s.into();
+        }
+        v.to_string()
+    }
+}
+
+/// The JSON body of an HTTP error: `{"error":code,"message":...}`.
+pub fn http_error_body(code: &str, message: &str, retry_after: Option<u64>) -> String {
+    let mut v = serde_json::json!({"error": code, "message": message});
+    if let Some(s) = retry_after {
+        v["retry_after"] = s.into();
+    }
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_good_frames_and_names_bad_ones() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ack","conversation_id":3,"seq":9}"#).unwrap(),
+            ClientFrame::Ack {
+                conversation_id: 3,
+                seq: 9
+            }
+        );
+        let send = r#"{"type":"send","conversation_id":1,"body":"hi","client_msg_id":"m1"}"#;
+        assert!(matches!(
+            ClientFrame::parse(send).unwrap(),
+            ClientFrame::Send { .. }
+        ));
+        assert_eq!(ClientFrame::parse("{").unwrap_err().code, "bad_frame");
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"nope"}"#).unwrap_err().code,
+            "unknown_type"
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"[1,2]"#).unwrap_err().code,
+            "unknown_type"
+        );
+        let wrong = r#"{"type":"send","conversation_id":"1","body":"hi","client_msg_id":"m1"}"#;
+        let e = ClientFrame::parse(wrong).unwrap_err();
+        assert_eq!(
+            (e.code, e.client_msg_id.as_deref()),
+            ("invalid_field", Some("m1"))
+        );
+        let big = r#"{"type":"ack","conversation_id":1,"seq":99999999999999999999}"#;
+        assert_eq!(ClientFrame::parse(big).unwrap_err().code, "invalid_field");
+        let neg = r#"{"type":"ack","conversation_id":1,"seq":-1}"#;
+        assert_eq!(ClientFrame::parse(neg).unwrap_err().code, "invalid_field");
+        let empty_id = r#"{"type":"send","conversation_id":1,"body":"hi","client_msg_id":""}"#;
+        assert_eq!(
+            ClientFrame::parse(empty_id).unwrap_err().code,
+            "invalid_field"
+        );
+    }
+
+    #[test]
+    fn event_frame_has_both_type_and_event() {
+        let e = Event {
+            conversation_id: 1,
+            seq: 2,
+            kind: EVENT_MESSAGE_CREATED.into(),
+            sender: "a".into(),
+            created_at: "2026-01-01T00:00:00.000000Z".into(),
+            body: Some("hi".into()),
+            client_msg_id: Some("m".into()),
+            user: None,
+            title: None,
+            members: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&e.to_frame()).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["event"], "message.created");
+        assert_eq!(v["seq"], 2);
+        let back: Event = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(back, e);
+    }
+}

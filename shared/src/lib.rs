@@ -1,0 +1,19 @@
+//! tether-shared: what the supervisor (`tether`) and the worker
+//! (`tether-worker`) have in common.
+//!
+//! - [`config`]: flags that fall back to environment variables;
+//! - [`auth`]: HS256 tokens (issue and verify);
+//! - [`frames`]: the WebSocket and HTTP wire types of the contract;
+//! - [`control`]: the supervisor ↔ worker interface (inherited fds, control lines);
+//! - [`store`]: the PostgreSQL event log (schema, write path, reads);
+//! - [`pgcluster`]: a private PostgreSQL cluster, for tests and dev mode.
+
+pub mod auth;
+pub mod config;
+pub mod control;
+pub mod frames;
+pub mod pgcluster;
+pub mod store;
+
+/// The whole schema, applied at every start (idempotent).
+pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
