@@ -1,1 +1,955 @@
+//! The PostgreSQL event log: the write path (DB-first, group commit) and
+//! every read the worker makes.
+//!
+//! All functions here are blocking (the `postgres` crate runs its own
+//! runtime): the worker calls them from dedicated threads or from
+//! `spawn_blocking`, never from an async task.
+//!
+//! Ordering rule: every writer of a conversation first locks its
+//! `conversations` row (`FOR UPDATE`), then assigns `seq = last_seq + 1 ...`,
+//! inserts, bumps `last_seq` and commits. So seqs are gap-free and commit in
+//! seq order, across any number of processes and hosts. Writers lock rows
+//! in ascending id order, so two batches never deadlock.
+//!
+//! Every committing transaction announces itself with one `pg_notify` on
+//! [`NOTIFY_CHANNEL`] (sent at COMMIT, so nothing is announced before it is
+//! durable); the payload is a hint (see [`Notice`]), the table stays the
+//! source of truth.
 
+use crate::frames::{
+    Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_JOINED, EVENT_MEMBER_LEFT,
+    EVENT_MESSAGE_CREATED,
+};
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Row, Transaction};
+use r2d2_postgres::PostgresConnectionManager;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The LISTEN/NOTIFY channel every committing transaction notifies.
+pub const NOTIFY_CHANNEL: &str = "tether_events";
+/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_NOTIFY_PAYLOAD: usize = 7900;
+/// Most members a conversation may be created with in one request.
+pub const MAX_INITIAL_MEMBERS: usize = 1000;
+
+/// The transaction's time as RFC 3339 UTC with microseconds, as
+/// `created_at` is formatted in [`EVENT_COLUMNS`].
+const NOW_SQL: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
+
+/// Why a store operation failed. Callers branch on it: `Unavailable` is a
+/// 503 with `Retry-After`, `NotFound` a 404, `Invalid` a 422.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached, refused us, or timed out. Nothing
+    /// was committed by the failing call.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The conversation does not exist or the caller is not a member (the
+    /// two are not told apart, so existence does not leak).
+    #[error("conversation {0} not found")]
+    NotFound(i64),
+    /// The named user is not a member of the conversation.
+    #[error("user {user} is not a member of conversation {conversation_id}")]
+    NotMember { conversation_id: i64, user: String },
+    /// A field is out of range.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// Anything else the database said; a bug or a broken schema.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Whether this is the database being unreachable (retry later).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        classify(&e)
+    }
+}
+
+impl From<r2d2::Error> for StoreError {
+    fn from(e: r2d2::Error) -> StoreError {
+        StoreError::Unavailable(format!("no database connection: {e}"))
+    }
+}
+
+/// Sorts a database error into unavailable (connection-level, shutdown,
+/// timeouts) or internal.
+fn classify(e: &postgres::Error) -> StoreError {
+    if e.is_closed() {
+        return StoreError::Unavailable(format!("connection closed: {e}"));
+    }
+    match e.code() {
+        None => StoreError::Unavailable(e.to_string()),
+        Some(code) => {
+            let c = code.code();
+            if c.starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+            {
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// Connection settings shared by pools and dedicated connections: fail
+/// fast rather than hang when the database goes away.
+#[derive(Debug, Clone)]
+pub struct DbSettings {
+    pub url: String,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl DbSettings {
+    pub fn new(url: &str) -> DbSettings {
+        DbSettings {
+            url: url.to_string(),
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The `postgres` configuration with timeouts and keepalives set.
+    pub fn config(&self) -> Result<postgres::Config, StoreError> {
+        let mut cfg = postgres::Config::from_str(&self.url)
+            .map_err(|e| StoreError::Invalid(format!("bad database url: {e}")))?;
+        cfg.connect_timeout(self.connect_timeout);
+        cfg.keepalives(true);
+        cfg.keepalives_idle(Duration::from_secs(10));
+        cfg.options(&format!(
+            "-c statement_timeout={}",
+            self.statement_timeout.as_millis()
+        ));
+        cfg.application_name("tether");
+        Ok(cfg)
+    }
+
+    /// One dedicated connection (committer lanes, the listener).
+    pub fn connect(&self) -> Result<Client, StoreError> {
+        Ok(self.config()?.connect(NoTls)?)
+    }
+}
+
+pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A connection pool that does not block start-up when the database is
+/// down (it connects lazily) and gives up on a checkout after
+/// `checkout_timeout`.
+pub fn pool(
+    settings: &DbSettings,
+    size: u32,
+    checkout_timeout: Duration,
+) -> Result<Pool, StoreError> {
+    let manager = PostgresConnectionManager::new(settings.config()?, NoTls);
+    Ok(r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .connection_timeout(checkout_timeout)
+        .test_on_check_out(false)
+        .error_handler(Box::new(QuietErrors))
+        .build_unchecked(manager))
+}
+
+/// r2d2 logs every failed background connect at error level; while the
+/// database is down that is a line per attempt. We log our own, once.
+#[derive(Debug)]
+struct QuietErrors;
+impl r2d2::HandleError<postgres::Error> for QuietErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        log::debug!("pool: connect failed: {error}");
+    }
+}
+
+/// Applies `schema.sql` (idempotent).
+pub fn apply_schema(client: &mut Client) -> Result<(), StoreError> {
+    // Two starting processes may race on CREATE ... IF NOT EXISTS (a known
+    // PostgreSQL behaviour: both pass the check, one fails on the catalog's
+    // unique index). An advisory lock serializes them.
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7412093)", &[])?;
+    tx.batch_execute(crate::SCHEMA_SQL)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn event_from_row(row: &Row) -> Event {
+    // Column order of EVENT_COLUMNS.
+    let kind: String = row.get(2);
+    let payload: Option<String> = row.get(8);
+    let (title, members) = match (kind.as_str(), payload) {
+        (EVENT_CONVERSATION_CREATED, Some(p)) => {
+            let v: serde_json::Value = serde_json::from_str(&p).unwrap_or_default();
+            let title = v.get("title").and_then(|t| t.as_str()).map(str::to_owned);
+            let members = v.get("members").and_then(|m| m.as_array()).map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_owned))
+                    .collect()
+            });
+            (title, members)
+        }
+        _ => (None, None),
+    };
+    Event {
+        conversation_id: row.get(0),
+        seq: row.get(1),
+        kind,
+        sender: row.get(3),
+        created_at: row.get(4),
+        body: row.get(5),
+        client_msg_id: row.get(6),
+        user: row.get(7),
+        title,
+        members,
+    }
+}
+
+const EVENT_COLUMNS: &str = r#"conversation_id, seq, type, sender,
+    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    body, client_msg_id, subject, payload::text"#;
+
+// ---------------------------------------------------------------------------
+// Notifications
+// ---------------------------------------------------------------------------
+
+/// One NOTIFY payload: what a committed transaction changed.
+///
+/// Text form, one item per line: `e <conversation> <last_seq>` (events up to
+/// that seq are committed) and `m <conversation> <seq> <user>` (that user
+/// joined or left at that seq, so a worker that does not follow the
+/// conversation yet learns that one of its users is now in it). `*` alone
+/// means "too much to list: catch up everything you follow".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Notice {
+    pub events: Vec<(i64, i64)>,
+    pub membership: Vec<(i64, i64, String)>,
+    pub everything: bool,
+}
+
+impl Notice {
+    /// Encodes into payloads that each fit a NOTIFY (one, unless a huge
+    /// membership list must be split).
+    pub fn encode(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let mut push = |line: String, cur: &mut String| {
+            if cur.len() + line.len() + 1 > MAX_NOTIFY_PAYLOAD {
+                out.push(std::mem::take(cur));
+            }
+            cur.push_str(&line);
+            cur.push('\n');
+        };
+        if self.everything {
+            push("*".to_string(), &mut cur);
+        }
+        for (c, s) in &self.events {
+            push(format!("e {c} {s}"), &mut cur);
+        }
+        for (c, s, u) in &self.membership {
+            push(format!("m {c} {s} {u}"), &mut cur);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+
+    /// Parses a payload; unknown lines are skipped.
+    pub fn parse(payload: &str) -> Notice {
+        let mut n = Notice::default();
+        for line in payload.lines() {
+            let mut p = line.split(' ');
+            match p.next() {
+                Some("*") => n.everything = true,
+                Some("e") => {
+                    if let (Some(Ok(c)), Some(Ok(s))) =
+                        (p.next().map(str::parse), p.next().map(str::parse))
+                    {
+                        n.events.push((c, s));
+                    }
+                }
+                Some("m") => {
+                    if let (Some(Ok(c)), Some(Ok(s)), Some(u)) =
+                        (p.next().map(str::parse), p.next().map(str::parse), p.next())
+                    {
+                        n.membership.push((c, s, u.to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        n
+    }
+
+    fn send(&self, tx: &mut Transaction<'_>) -> Result<(), StoreError> {
+        for payload in self.encode() {
+            tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &payload])?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Membership writes (rare; one transaction each)
+// ---------------------------------------------------------------------------
+
+/// What a membership write committed: the event (if one was appended) and
+/// the notice that went out with it.
+#[derive(Debug, Clone)]
+pub struct MembershipChange {
+    /// `None` when nothing changed (adding an existing member).
+    pub event: Option<Event>,
+    pub notice: Notice,
+}
+
+/// Locks the conversation row and checks the actor is a member. Returns
+/// the current `last_seq`.
+fn lock_as_member(
+    tx: &mut Transaction<'_>,
+    conversation_id: i64,
+    actor: &str,
+) -> Result<i64, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT c.last_seq, EXISTS (SELECT 1 FROM members m
+                 WHERE m.conversation_id = c.id AND m.user_id = $2)
+             FROM conversations c WHERE c.id = $1 FOR UPDATE",
+            &[&conversation_id, &actor],
+        )?
+        .ok_or(StoreError::NotFound(conversation_id))?;
+    if !row.get::<_, bool>(1) {
+        return Err(StoreError::NotFound(conversation_id));
+    }
+    Ok(row.get(0))
+}
+
+/// Creates a conversation whose members are `creator` plus `members`.
+/// Appends `conversation.created` as seq 1; every initial member's cursor
+/// starts at 0, so each of them receives it.
+pub fn create_conversation(
+    client: &mut Client,
+    creator: &str,
+    title: &str,
+    members: &[String],
+) -> Result<MembershipChange, StoreError> {
+    let mut all: Vec<String> = vec![creator.to_string()];
+    for m in members {
+        if !all.contains(m) {
+            all.push(m.clone());
+        }
+    }
+    if all.len() > MAX_INITIAL_MEMBERS {
+        return Err(StoreError::Invalid(format!(
+            "at most {MAX_INITIAL_MEMBERS} initial members"
+        )));
+    }
+    let mut tx = client.transaction()?;
+    let row = tx.query_one(
+        "INSERT INTO conversations (title, created_by, last_seq) VALUES ($1, $2, 1) RETURNING id",
+        &[&title, &creator],
+    )?;
+    let id: i64 = row.get(0);
+    tx.execute(
+        "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq)
+         SELECT $1, u, 0, 1 FROM unnest($2::text[]) AS u",
+        &[&id, &all],
+    )?;
+    let payload = serde_json::json!({"title": title, "members": all}).to_string();
+    let row = tx.query_one(
+        &format!(
+            "INSERT INTO events (conversation_id, seq, type, sender, payload)
+             VALUES ($1, 1, $2, $3, $4::text::jsonb) RETURNING {EVENT_COLUMNS}"
+        ),
+        &[&id, &EVENT_CONVERSATION_CREATED, &creator, &payload],
+    )?;
+    let event = event_from_row(&row);
+    let notice = Notice {
+        events: vec![(id, 1)],
+        membership: all.iter().map(|u| (id, 1, u.clone())).collect(),
+        everything: false,
+    };
+    notice.send(&mut tx)?;
+    tx.commit()?;
+    Ok(MembershipChange {
+        event: Some(event),
+        notice,
+    })
+}
+
+/// Adds `user` to a conversation `actor` belongs to. Appends
+/// `member.joined`; the new member's cursor starts just before it.
+/// Adding an existing member changes nothing.
+pub fn add_member(
+    client: &mut Client,
+    actor: &str,
+    conversation_id: i64,
+    user: &str,
+) -> Result<MembershipChange, StoreError> {
+    let mut tx = client.transaction()?;
+    let last = lock_as_member(&mut tx, conversation_id, actor)?;
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
+            &[&conversation_id, &user],
+        )?
+        .is_some();
+    if exists {
+        tx.rollback()?;
+        return Ok(MembershipChange {
+            event: None,
+            notice: Notice::default(),
+        });
+    }
+    let seq = last + 1;
+    tx.execute(
+        "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq) VALUES ($1, $2, $3, $4)",
+        &[&conversation_id, &user, &(seq - 1), &seq],
+    )?;
+    let event = append_membership_event(
+        &mut tx,
+        conversation_id,
+        seq,
+        EVENT_MEMBER_JOINED,
+        actor,
+        user,
+    )?;
+    let notice = Notice {
+        events: vec![(conversation_id, seq)],
+        membership: vec![(conversation_id, seq, user.to_string())],
+        everything: false,
+    };
+    notice.send(&mut tx)?;
+    tx.commit()?;
+    Ok(MembershipChange {
+        event: Some(event),
+        notice,
+    })
+}
+
+/// Removes `user` (the actor themself, or anyone, by any member).
+/// Appends `member.left`; the removed user's cursor is dropped with them.
+pub fn remove_member(
+    client: &mut Client,
+    actor: &str,
+    conversation_id: i64,
+    user: &str,
+) -> Result<MembershipChange, StoreError> {
+    let mut tx = client.transaction()?;
+    let last = lock_as_member(&mut tx, conversation_id, actor)?;
+    let removed = tx.execute(
+        "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2",
+        &[&conversation_id, &user],
+    )?;
+    if removed == 0 {
+        return Err(StoreError::NotMember {
+            conversation_id,
+            user: user.to_string(),
+        });
+    }
+    let seq = last + 1;
+    let event = append_membership_event(
+        &mut tx,
+        conversation_id,
+        seq,
+        EVENT_MEMBER_LEFT,
+        actor,
+        user,
+    )?;
+    let notice = Notice {
+        events: vec![(conversation_id, seq)],
+        membership: vec![(conversation_id, seq, user.to_string())],
+        everything: false,
+    };
+    notice.send(&mut tx)?;
+    tx.commit()?;
+    Ok(MembershipChange {
+        event: Some(event),
+        notice,
+    })
+}
+
+fn append_membership_event(
+    tx: &mut Transaction<'_>,
+    conversation_id: i64,
+    seq: i64,
+    kind: &str,
+    actor: &str,
+    user: &str,
+) -> Result<Event, StoreError> {
+    let row = tx.query_one(
+        &format!(
+            "INSERT INTO events (conversation_id, seq, type, sender, subject)
+             VALUES ($1, $2, $3, $4, $5) RETURNING {EVENT_COLUMNS}"
+        ),
+        &[&conversation_id, &seq, &kind, &actor, &user],
+    )?;
+    tx.execute(
+        "UPDATE conversations SET last_seq = $2 WHERE id = $1",
+        &[&conversation_id, &seq],
+    )?;
+    Ok(event_from_row(&row))
+}
+
+// ---------------------------------------------------------------------------
+// Message writes: group commit
+// ---------------------------------------------------------------------------
+
+/// One message to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conversation_id: i64,
+    pub sender: String,
+    pub body: String,
+    pub client_msg_id: String,
+}
+
+/// The result of one message of a batch.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub event: Event,
+    /// True when the same (conversation, sender, client_msg_id) was already
+    /// committed (now or earlier in the batch): nothing new was written.
+    pub duplicate: bool,
+}
+
+/// What a committed batch produced: one result per input, in order, and
+/// the notice sent with the batch.
+#[derive(Debug)]
+pub struct BatchOutcome {
+    pub results: Vec<Result<Appended, StoreError>>,
+    pub notice: Notice,
+    /// The events this batch appended (not duplicates), in (conversation, seq) order.
+    pub new_events: Vec<Event>,
+}
+
+/// Appends a batch of messages in ONE transaction: locks the touched
+/// conversations (ascending id), resolves idempotency and membership,
+/// assigns seqs, inserts, bumps `last_seq`, sends one NOTIFY, commits.
+///
+/// Per-message problems (not a member, unknown conversation) fail only
+/// that message; a database failure fails the whole batch and commits
+/// nothing. Callers acknowledge only after this returns `Ok`.
+pub fn append_messages(
+    client: &mut Client,
+    batch: &[NewMessage],
+) -> Result<BatchOutcome, StoreError> {
+    let mut tx = client.transaction()?;
+
+    let mut conv_ids: Vec<i64> = batch.iter().map(|m| m.conversation_id).collect();
+    conv_ids.sort_unstable();
+    conv_ids.dedup();
+
+    // 1. Lock the conversations, learn their last seq and the commit time.
+    let rows = tx.query(
+        &format!(
+            "SELECT id, last_seq, {NOW_SQL} FROM conversations
+             WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ),
+        &[&conv_ids],
+    )?;
+    let mut last_seq: HashMap<i64, i64> = HashMap::with_capacity(rows.len());
+    let mut now = String::new();
+    for r in &rows {
+        last_seq.insert(r.get(0), r.get(1));
+        now = r.get(2);
+    }
+
+    // 2. Membership and earlier commits of the same client_msg_ids, in one query.
+    let (cs, ss, ms): (Vec<i64>, Vec<&str>, Vec<&str>) = batch
+        .iter()
+        .filter(|m| last_seq.contains_key(&m.conversation_id))
+        .map(|m| {
+            (
+                m.conversation_id,
+                m.sender.as_str(),
+                m.client_msg_id.as_str(),
+            )
+        })
+        .fold(
+            (vec![], vec![], vec![]),
+            |(mut a, mut b, mut c), (x, y, z)| {
+                a.push(x);
+                b.push(y);
+                c.push(z);
+                (a, b, c)
+            },
+        );
+    let mut members: std::collections::HashSet<(i64, String)> = Default::default();
+    let mut existing: HashMap<(i64, String, String), Event> = HashMap::new();
+    if !cs.is_empty() {
+        let rows = tx.query(
+            "SELECT DISTINCT m.conversation_id, m.user_id FROM members m
+             JOIN unnest($1::bigint[], $2::text[]) AS k(c, s)
+               ON m.conversation_id = k.c AND m.user_id = k.s",
+            &[&cs, &ss],
+        )?;
+        for r in rows {
+            members.insert((r.get(0), r.get(1)));
+        }
+        let rows = tx.query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events e
+                 JOIN (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
+                   ON e.conversation_id = k.c AND e.sender = k.s AND e.client_msg_id = k.m"
+            ),
+            &[&cs, &ss, &ms],
+        )?;
+        for r in rows {
+            let e = event_from_row(&r);
+            let key = (
+                e.conversation_id,
+                e.sender.clone(),
+                e.client_msg_id.clone().unwrap_or_default(),
+            );
+            existing.insert(key, e);
+        }
+    }
+
+    // 3. Decide every message and assign seqs.
+    let mut results: Vec<Result<Appended, StoreError>> = Vec::with_capacity(batch.len());
+    let mut new_events: Vec<Event> = Vec::new();
+    for m in batch {
+        let Some(last) = last_seq.get_mut(&m.conversation_id) else {
+            results.push(Err(StoreError::NotFound(m.conversation_id)));
+            continue;
+        };
+        if !members.contains(&(m.conversation_id, m.sender.clone())) {
+            results.push(Err(StoreError::NotFound(m.conversation_id)));
+            continue;
+        }
+        let key = (m.conversation_id, m.sender.clone(), m.client_msg_id.clone());
+        if let Some(e) = existing.get(&key) {
+            results.push(Ok(Appended {
+                event: e.clone(),
+                duplicate: true,
+            }));
+            continue;
+        }
+        *last += 1;
+        let event = Event {
+            conversation_id: m.conversation_id,
+            seq: *last,
+            kind: EVENT_MESSAGE_CREATED.to_string(),
+            sender: m.sender.clone(),
+            created_at: now.clone(),
+            body: Some(m.body.clone()),
+            client_msg_id: Some(m.client_msg_id.clone()),
+            user: None,
+            title: None,
+            members: None,
+        };
+        existing.insert(key, event.clone());
+        new_events.push(event.clone());
+        results.push(Ok(Appended {
+            event,
+            duplicate: false,
+        }));
+    }
+
+    if new_events.is_empty() {
+        tx.rollback()?;
+        return Ok(BatchOutcome {
+            results,
+            notice: Notice::default(),
+            new_events,
+        });
+    }
+
+    // 4. Insert the events and bump last_seq, then one NOTIFY, then COMMIT.
+    new_events.sort_by_key(|e| (e.conversation_id, e.seq));
+    let mut c = Vec::with_capacity(new_events.len());
+    let mut s = Vec::with_capacity(new_events.len());
+    let mut snd = Vec::with_capacity(new_events.len());
+    let mut body = Vec::with_capacity(new_events.len());
+    let mut cmid = Vec::with_capacity(new_events.len());
+    for e in &new_events {
+        c.push(e.conversation_id);
+        s.push(e.seq);
+        snd.push(e.sender.as_str());
+        body.push(e.body.as_deref().unwrap_or(""));
+        cmid.push(e.client_msg_id.as_deref().unwrap_or(""));
+    }
+    tx.execute(
+        "INSERT INTO events (conversation_id, seq, type, sender, created_at, body, client_msg_id)
+         SELECT c, s, 'message.created', snd, now(), b, m
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS t(c, s, snd, b, m)",
+        &[&c, &s, &snd, &body, &cmid],
+    )?;
+    let mut touched: Vec<(i64, i64)> = Vec::new();
+    for e in &new_events {
+        match touched.last_mut() {
+            Some((cid, seq)) if *cid == e.conversation_id => *seq = e.seq,
+            _ => touched.push((e.conversation_id, e.seq)),
+        }
+    }
+    let (tc, ts): (Vec<i64>, Vec<i64>) = touched.iter().copied().unzip();
+    let notice = Notice {
+        events: touched,
+        membership: vec![],
+        everything: false,
+    };
+    let payloads = notice.encode();
+    // One payload in all but pathological batches; if it would not fit,
+    // say "catch up everything" instead of several notifications.
+    let payload = if payloads.len() == 1 {
+        payloads.into_iter().next().unwrap_or_default()
+    } else {
+        "*\n".to_string()
+    };
+    tx.execute(
+        "WITH u AS (
+             UPDATE conversations c SET last_seq = v.s
+             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, s) WHERE c.id = v.id
+         )
+         SELECT pg_notify($3, $4)",
+        &[&tc, &ts, &NOTIFY_CHANNEL, &payload],
+    )?;
+    tx.commit()?;
+    Ok(BatchOutcome {
+        results,
+        notice,
+        new_events,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Cursors
+// ---------------------------------------------------------------------------
+
+/// Moves cursors forward (never back, never past the last committed seq),
+/// many at once. Rows of users no longer members are ignored.
+pub fn advance_cursors(
+    client: &mut Client,
+    acks: &[(i64, String, i64)],
+) -> Result<u64, StoreError> {
+    if acks.is_empty() {
+        return Ok(0);
+    }
+    let c: Vec<i64> = acks.iter().map(|a| a.0).collect();
+    let u: Vec<&str> = acks.iter().map(|a| a.1.as_str()).collect();
+    let s: Vec<i64> = acks.iter().map(|a| a.2).collect();
+    Ok(client.execute(
+        "UPDATE members m SET cursor_seq = GREATEST(m.cursor_seq, LEAST(v.s, c.last_seq))
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(c, u, s), conversations c
+         WHERE m.conversation_id = v.c AND m.user_id = v.u AND c.id = v.c
+           AND m.cursor_seq < LEAST(v.s, c.last_seq)",
+        &[&c, &u, &s],
+    )?)
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------
+
+/// A user's place in one conversation, read at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub conversation_id: i64,
+    pub cursor: i64,
+    /// The conversation's last committed seq when read: the backlog is
+    /// exactly (cursor, last_seq].
+    pub last_seq: i64,
+}
+
+/// Every conversation `user` belongs to, with cursor and last seq.
+pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
+    let rows = client.query(
+        "SELECT m.conversation_id, m.cursor_seq, c.last_seq
+         FROM members m JOIN conversations c ON c.id = m.conversation_id
+         WHERE m.user_id = $1 ORDER BY m.conversation_id",
+        &[&user],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| Membership {
+            conversation_id: r.get(0),
+            cursor: r.get(1),
+            last_seq: r.get(2),
+        })
+        .collect())
+}
+
+/// Events of one conversation with `after < seq <= upto`, ascending, at
+/// most `limit`.
+pub fn events_range(
+    client: &mut Client,
+    conversation_id: i64,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    let rows = client.query(
+        &format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
+             ORDER BY seq LIMIT $4"
+        ),
+        &[&conversation_id, &after, &upto, &limit],
+    )?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// Events after a position in each of several conversations (catch-up
+/// reads of the fan-out), ascending per conversation, at most `limit_each`
+/// per conversation.
+pub fn events_after_many(
+    client: &mut Client,
+    positions: &[(i64, i64)],
+    limit_each: i64,
+) -> Result<Vec<Event>, StoreError> {
+    if positions.is_empty() {
+        return Ok(vec![]);
+    }
+    let (c, s): (Vec<i64>, Vec<i64>) = positions.iter().copied().unzip();
+    let rows = client.query(
+        &format!(
+            "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
+             LATERAL (SELECT {EVENT_COLUMNS} FROM events
+                      WHERE conversation_id = p.c AND seq > p.s
+                      ORDER BY seq LIMIT $3) AS e"
+        ),
+        &[&c, &s, &limit_each],
+    )?;
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
+    events.sort_by_key(|e| (e.conversation_id, e.seq));
+    Ok(events)
+}
+
+/// Whether `user` is a member of the conversation.
+pub fn is_member(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+) -> Result<bool, StoreError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
+            &[&conversation_id, &user],
+        )?
+        .is_some())
+}
+
+/// One page of a conversation's events for a member: newest first below
+/// `before_seq`, or oldest first above `after_seq`. Keyset pagination on
+/// the primary key (conversation_id, seq).
+pub fn events_page(
+    client: &mut Client,
+    user: &str,
+    conversation_id: i64,
+    before_seq: Option<i64>,
+    after_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    if !is_member(client, conversation_id, user)? {
+        return Err(StoreError::NotFound(conversation_id));
+    }
+    let rows = match after_seq {
+        Some(after) => client.query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
+            ),
+            &[&conversation_id, &after, &limit],
+        )?,
+        None => client.query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+            ),
+            &[&conversation_id, &before_seq.unwrap_or(i64::MAX), &limit],
+        )?,
+    };
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// A row of the conversation list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConversationSummary {
+    pub id: i64,
+    pub title: String,
+    pub last_seq: i64,
+    pub cursor: i64,
+    pub unread: i64,
+}
+
+/// One page of the conversations `user` belongs to, by ascending id after
+/// `after` (keyset pagination on members (user_id, conversation_id)).
+pub fn conversations_page(
+    client: &mut Client,
+    user: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ConversationSummary>, StoreError> {
+    let rows = client.query(
+        "SELECT c.id, c.title, c.last_seq, m.cursor_seq
+         FROM members m JOIN conversations c ON c.id = m.conversation_id
+         WHERE m.user_id = $1 AND m.conversation_id > $2
+         ORDER BY m.conversation_id LIMIT $3",
+        &[&user, &after, &limit],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let last: i64 = r.get(2);
+            let cursor: i64 = r.get(3);
+            ConversationSummary {
+                id: r.get(0),
+                title: r.get(1),
+                last_seq: last,
+                cursor,
+                unread: (last - cursor).max(0),
+            }
+        })
+        .collect())
+}
+
+/// A cheap round trip for health checks.
+pub fn ping(client: &mut Client) -> Result<(), StoreError> {
+    client.simple_query("SELECT 1")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notice_round_trips_and_splits() {
+        let n = Notice {
+            events: vec![(1, 5), (2, 9)],
+            membership: vec![(3, 1, "bob".into())],
+            everything: false,
+        };
+        let p = n.encode();
+        assert_eq!(p.len(), 1);
+        assert_eq!(Notice::parse(&p[0]), n);
+        let big = Notice {
+            events: vec![],
+            membership: (0..2000).map(|i| (1, 1, format!("user{i}"))).collect(),
+            everything: false,
+        };
+        let parts = big.encode();
+        assert!(parts.len() > 1);
+        assert!(parts.iter().all(|p| p.len() < 8000));
+        let back: usize = parts
+            .iter()
+            .map(|p| Notice::parse(p).membership.len())
+            .sum();
+        assert_eq!(back, 2000);
+        assert!(Notice::parse("*\n").everything);
+    }
+}

@@ -1,3 +1,271 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! tether-worker: one worker process of the tether gateway.
+//!
+//! It owns the HTTP API and the WebSocket connections of the clients that
+//! reach it, writes their messages to the PostgreSQL event log (DB-first:
+//! COMMIT, then acknowledge, then fan out), and delivers every committed
+//! event to its connected members in seq order without gaps.
+//!
+//! Modules, one concept each:
+//! - [`config`]: flags and environment;
+//! - [`phase`]: serving / draining, read by `/ready` and every connection;
+//! - [`commit`]: group commit lanes (the write path);
+//! - [`fanout`]: the dispatcher (local + LISTEN/NOTIFY fan-out, gap repair);
+//! - [`http`]: the REST API, `/health`, `/ready`, `/metrics`, the upgrade;
+//! - [`ws`]: one WebSocket connection (backlog, synced, live, sends, acks);
+//! - [`cursors`]: coalesced cursor writes;
+//! - [`health`]: the database probe;
+//! - [`control`]: the supervisor's control socket (ready, heartbeat, status);
+//! - [`ratelimit`]: per-user send rate;
+//! - [`socket`]: where the listening socket comes from.
+
+// Handlers return a ready HTTP response as their error value; it is built
+// only on the error path, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod commit;
+pub mod config;
+pub mod control;
+pub mod cursors;
+pub mod fanout;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod phase;
+pub mod ratelimit;
+pub mod socket;
+pub mod ws;
+
+use crate::commit::Committer;
+use crate::config::WorkerConfig;
+use crate::control::ClusterView;
+use crate::cursors::CursorWriter;
+use crate::fanout::Dispatcher;
+use crate::health::DbHealth;
+use crate::metrics::Metrics;
+use crate::phase::{PhaseCell, ShutdownReason};
+use crate::ratelimit::RateLimiter;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_shared::auth::Secret;
+use tether_shared::store::{self, DbSettings, Pool};
+use tokio::net::TcpListener;
+
+/// Everything a request or connection handler needs, shared by `Arc`.
+pub struct App {
+    pub config: WorkerConfig,
+    pub secret: Secret,
+    pub pool: Pool,
+    pub committer: Committer,
+    pub dispatcher: Dispatcher,
+    pub cursors: CursorWriter,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<DbHealth>,
+    pub phase: PhaseCell,
+    pub cluster: Arc<ClusterView>,
+    pub rate: RateLimiter,
+    next_conn: AtomicU64,
+    /// Connection tasks still running (draining waits for zero).
+    pub live_conns: AtomicU64,
+}
+
+impl App {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs a blocking database call on the blocking pool with a pooled
+    /// connection (the `postgres` crate must never run on an async thread).
+    pub async fn db<T, F>(&self, f: F) -> Result<T, store::StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut postgres::Client) -> Result<T, store::StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let health = self.health.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get()?;
+            f(&mut conn)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(store::StoreError::Internal(format!(
+                "database task failed: {e}"
+            )))
+        });
+        if let Err(e) = &result {
+            if e.is_unavailable() {
+                health.mark_down();
+            }
+        }
+        result
+    }
+}
+
+/// The `tether-worker` entry point: parse flags, get the socket, run.
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let config = match WorkerConfig::from_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether-worker: {e}\nusage: tether-worker --listen ADDR --database-url URL --secret KEY [--worker-id w1] [--drain-ms N] ...");
+            return ExitCode::from(2);
+        }
+    };
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("TETHER_FAULT").as_deref() == Ok("die-at-start") {
+        log::error!("{}: fault injection: dying at start", config.worker_id);
+        return ExitCode::from(3);
+    }
+    let listener = match socket::acquire(&config.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("{}: {e}", config.worker_id);
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(format!("{}-rt", config.worker_id))
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("{}: cannot start the runtime: {e}", config.worker_id);
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let listener = match listener.into_tokio() {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("{}: listening socket unusable: {e}", config.worker_id);
+                return ExitCode::from(1);
+            }
+        };
+        run(listener, config).await
+    });
+    // Blocking database calls may still be winding down; do not wait long.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// Serves on `listener` until drained (SIGTERM/SIGINT, or the supervisor
+/// going away).
+pub async fn run(listener: TcpListener, config: WorkerConfig) -> ExitCode {
+    let worker = config.worker_id.clone();
+    let settings = DbSettings::new(&config.database_url);
+    let pool = match store::pool(&settings, config.pool_size, Duration::from_secs(2)) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("{worker}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(DbHealth::new());
+    let dispatcher = Dispatcher::start(pool.clone(), settings.clone(), metrics.clone(), &worker);
+    let committer = Committer::start(
+        settings.clone(),
+        config.commit_lanes,
+        config.max_batch,
+        dispatcher.clone(),
+        metrics.clone(),
+        &worker,
+    );
+    let cursors = CursorWriter::start(pool.clone());
+    let rate = RateLimiter::new(config.rate_limit, config.rate_burst);
+    let app = Arc::new(App {
+        secret: Secret::new(config.secret.clone().into_bytes()),
+        config,
+        pool,
+        committer,
+        dispatcher,
+        cursors,
+        metrics,
+        health: health.clone(),
+        phase: PhaseCell::new(),
+        cluster: Arc::new(ClusterView::standalone()),
+        rate,
+        next_conn: AtomicU64::new(1),
+        live_conns: AtomicU64::new(0),
+    });
+    health::spawn_probe(app.clone());
+
+    // The schema is idempotent; applying it here lets a worker run on its
+    // own against an empty database. The database may be down: keep trying
+    // in the background rather than refuse to start.
+    {
+        let settings = settings.clone();
+        let worker = worker.clone();
+        tokio::task::spawn_blocking(move || {
+            for attempt in 0u32.. {
+                match settings
+                    .connect()
+                    .and_then(|mut c| store::apply_schema(&mut c))
+                {
+                    Ok(()) => return,
+                    Err(e) if attempt == 0 => log::warn!("{worker}: schema not applied yet: {e}"),
+                    Err(_) => {}
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+    }
+
+    // The control socket to the supervisor, when there is one.
+    let control = control::attach(app.clone());
+
+    // Signals: SIGTERM/SIGINT drain.
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                log::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            app.phase.start_draining(ShutdownReason::Signal);
+        });
+    }
+
+    match listener.local_addr() {
+        Ok(addr) => log::info!("{worker}: serving on {addr}"),
+        Err(_) => log::info!("{worker}: serving"),
+    }
+    if let Some(c) = &control {
+        c.ready();
+    }
+    http::accept_loop(app.clone(), listener).await;
+
+    // Draining: the accept loop returned. Tell the supervisor, wait for
+    // connections to close (they send 1001 and wait for their in-flight
+    // commits), then flush cursors.
+    if let Some(c) = &control {
+        c.draining();
+    }
+    let deadline = tokio::time::Instant::now() + app.config.drain;
+    while app.live_conns.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while app.committer.queued() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.cursors.flush_now().await;
+    let left = app.live_conns.load(Ordering::Acquire);
+    if left > 0 {
+        log::warn!("{worker}: drain time over with {left} connections still open");
+    }
+    log::info!("{worker}: drained, exiting");
+    ExitCode::SUCCESS
 }

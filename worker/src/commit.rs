@@ -1,0 +1,285 @@
+//! Group commit: the write path of messages.
+//!
+//! Sends go to one of N commit lanes (by conversation id, so one
+//! conversation's sends from this worker stay in arrival order). Each lane
+//! is a dedicated thread with its own PostgreSQL connection: it takes
+//! every send waiting in its queue (up to `max_batch`), appends them in ONE
+//! transaction ([`store::append_messages`]), and only after COMMIT answers
+//! each sender and hands the new events to the fan-out. While one batch
+//! commits, the next one fills, so throughput grows with load instead of
+//! being capped at one fsync per message.
+
+use crate::fanout::{Dispatcher, Frame};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use tether_shared::store::{self, Appended, DbSettings, NewMessage, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+/// Where a send's result goes.
+pub enum ReplyTo {
+    /// An HTTP request waiting for its answer.
+    Once(oneshot::Sender<Result<Appended, StoreError>>),
+    /// A WebSocket connection's reply queue (with the send's client_msg_id).
+    Conn(mpsc::Sender<ConnReply>),
+}
+
+/// A result for a WebSocket send.
+pub struct ConnReply {
+    pub client_msg_id: String,
+    pub conversation_id: i64,
+    pub result: Result<Appended, StoreError>,
+}
+
+/// One message waiting to be committed.
+pub struct SendRequest {
+    pub message: NewMessage,
+    pub reply: ReplyTo,
+    pub queued_at: Instant,
+}
+
+/// The handle async code submits sends through.
+#[derive(Clone)]
+pub struct Committer {
+    lanes: Arc<Vec<mpsc::Sender<SendRequest>>>,
+}
+
+/// Sends waiting per lane before submitters wait (backpressure).
+const LANE_QUEUE: usize = 8192;
+/// After a failed connect, fail sends at once for this long instead of
+/// making every one wait for a connect timeout.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
+
+impl Committer {
+    /// Starts `lanes` commit threads.
+    pub fn start(
+        settings: DbSettings,
+        lanes: usize,
+        max_batch: usize,
+        dispatcher: Dispatcher,
+        metrics: Arc<Metrics>,
+        worker_id: &str,
+    ) -> Committer {
+        let mut senders = Vec::with_capacity(lanes);
+        for lane in 0..lanes {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            senders.push(tx);
+            let settings = settings.clone();
+            let dispatcher = dispatcher.clone();
+            let metrics = metrics.clone();
+            thread::Builder::new()
+                .name(format!("{worker_id}-commit{lane}"))
+                .spawn(move || lane_loop(lane, rx, settings, max_batch, dispatcher, metrics))
+                .expect("spawning a commit lane thread");
+        }
+        Committer {
+            lanes: Arc::new(senders),
+        }
+    }
+
+    /// Queues a send. Waits only if the lane's queue is full.
+    pub async fn submit(&self, req: SendRequest) -> Result<(), SendRequest> {
+        let lane = (req.message.conversation_id.unsigned_abs() as usize) % self.lanes.len();
+        self.lanes[lane].send(req).await.map_err(|e| e.0)
+    }
+
+    /// Sends queued or being committed, across lanes (for draining).
+    pub fn queued(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|l| l.max_capacity() - l.capacity())
+            .sum()
+    }
+}
+
+fn reply(
+    to: ReplyTo,
+    client_msg_id: String,
+    conversation_id: i64,
+    result: Result<Appended, StoreError>,
+) {
+    match to {
+        ReplyTo::Once(tx) => {
+            let _ = tx.send(result);
+        }
+        ReplyTo::Conn(tx) => {
+            // The connection reserves room for every send it has in flight,
+            // so this only fails if the connection is gone.
+            let _ = tx.try_send(ConnReply {
+                client_msg_id,
+                conversation_id,
+                result,
+            });
+        }
+    }
+}
+
+fn lane_loop(
+    lane: usize,
+    mut rx: mpsc::Receiver<SendRequest>,
+    settings: DbSettings,
+    max_batch: usize,
+    dispatcher: Dispatcher,
+    metrics: Arc<Metrics>,
+) {
+    let mut client: Option<postgres::Client> = None;
+    let mut last_connect_failure: Option<(Instant, StoreError)> = None;
+    let mut batch: Vec<SendRequest> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = None;
+            match &last_connect_failure {
+                Some((at, err)) if at.elapsed() < RECONNECT_BACKOFF => {
+                    fail_all(&mut batch, err.clone(), &metrics);
+                    continue;
+                }
+                _ => match settings.connect() {
+                    Ok(c) => {
+                        if last_connect_failure.take().is_some() {
+                            log::info!("commit lane {lane}: database connection restored");
+                        }
+                        client = Some(c);
+                    }
+                    Err(e) => {
+                        if last_connect_failure.is_none() {
+                            log::warn!("commit lane {lane}: cannot connect: {e}");
+                        }
+                        last_connect_failure = Some((Instant::now(), e.clone()));
+                        fail_all(&mut batch, e, &metrics);
+                        continue;
+                    }
+                },
+            }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let messages: Vec<NewMessage> = batch.iter().map(|r| r.message.clone()).collect();
+        match store::append_messages(c, &messages) {
+            Ok(outcome) => {
+                let committed_at = Instant::now();
+                metrics
+                    .commit_batches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics.commit_batch_size.observe(messages.len() as f64);
+                metrics.events_committed.fetch_add(
+                    outcome.new_events.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                if !outcome.new_events.is_empty() {
+                    let frames = outcome
+                        .new_events
+                        .iter()
+                        .map(|e| Arc::new(Frame::from_event(e, committed_at)))
+                        .collect();
+                    dispatcher.local(frames);
+                }
+                for (req, result) in batch.drain(..).zip(outcome.results) {
+                    metrics
+                        .commit_latency
+                        .observe_duration(req.queued_at.elapsed());
+                    match &result {
+                        Ok(a) if a.duplicate => {
+                            metrics
+                                .sends_duplicate
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            metrics
+                                .sends_failed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    let NewMessage {
+                        client_msg_id,
+                        conversation_id,
+                        ..
+                    } = req.message;
+                    reply(req.reply, client_msg_id, conversation_id, result);
+                }
+            }
+            Err(e) => {
+                if e.is_unavailable() {
+                    log::warn!("commit lane {lane}: batch of {} failed: {e}", batch.len());
+                    client = None;
+                } else {
+                    log::error!("commit lane {lane}: batch of {} failed: {e}", batch.len());
+                    // An internal error may have been caused by one bad
+                    // message; commit the rest one by one so it fails alone.
+                    if batch.len() > 1 {
+                        let single: Vec<SendRequest> = std::mem::take(&mut batch);
+                        for req in single {
+                            retry_alone(c, req, &dispatcher, &metrics);
+                        }
+                        continue;
+                    }
+                }
+                fail_all(&mut batch, e, &metrics);
+            }
+        }
+    }
+    log::debug!("commit lane {lane}: queue closed, exiting");
+}
+
+fn retry_alone(
+    c: &mut postgres::Client,
+    req: SendRequest,
+    dispatcher: &Dispatcher,
+    metrics: &Metrics,
+) {
+    let result = store::append_messages(c, std::slice::from_ref(&req.message));
+    let result = match result {
+        Ok(mut outcome) => {
+            let committed_at = Instant::now();
+            if !outcome.new_events.is_empty() {
+                metrics
+                    .events_committed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                dispatcher.local(
+                    outcome
+                        .new_events
+                        .iter()
+                        .map(|e| Arc::new(Frame::from_event(e, committed_at)))
+                        .collect(),
+                );
+            }
+            outcome
+                .results
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::Internal("empty batch result".into())))
+        }
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        metrics
+            .sends_failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let NewMessage {
+        client_msg_id,
+        conversation_id,
+        ..
+    } = req.message;
+    reply(req.reply, client_msg_id, conversation_id, result);
+}
+
+fn fail_all(batch: &mut Vec<SendRequest>, err: StoreError, metrics: &Metrics) {
+    metrics
+        .sends_failed
+        .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    for req in batch.drain(..) {
+        let NewMessage {
+            client_msg_id,
+            conversation_id,
+            ..
+        } = req.message;
+        reply(req.reply, client_msg_id, conversation_id, Err(err.clone()));
+    }
+}

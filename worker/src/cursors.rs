@@ -1,0 +1,77 @@
+//! Coalesced cursor writes. An `ack` only records the highest seq per
+//! (conversation, user) in memory; a task writes them all in one UPDATE
+//! every 250 ms. Losing a write (crash, database down) only means the
+//! client gets those events again: cursors never move backwards and never
+//! past what was committed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tether_shared::store::{self, Pool};
+
+/// Highest acked seq per (conversation, user), not yet written.
+type PendingAcks = HashMap<(i64, Arc<str>), i64>;
+
+#[derive(Clone)]
+pub struct CursorWriter {
+    pending: Arc<Mutex<PendingAcks>>,
+    pool: Pool,
+}
+
+impl CursorWriter {
+    pub fn start(pool: Pool) -> CursorWriter {
+        let w = CursorWriter {
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            pool,
+        };
+        let bg = w.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                bg.flush_now().await;
+            }
+        });
+        w
+    }
+
+    /// Records an ack (coalesced with others for the same cursor).
+    pub fn ack(&self, conversation_id: i64, user: &Arc<str>, seq: i64) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry((conversation_id, user.clone())).or_insert(seq);
+        if *e < seq {
+            *e = seq;
+        }
+    }
+
+    /// Writes everything recorded so far. On failure the acks are put back
+    /// (unless newer ones arrived) and tried on the next tick.
+    pub async fn flush_now(&self) {
+        let batch: Vec<((i64, Arc<str>), i64)> = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.is_empty() {
+                return;
+            }
+            p.drain().collect()
+        };
+        let rows: Vec<(i64, String, i64)> = batch
+            .iter()
+            .map(|((c, u), s)| (*c, u.to_string(), *s))
+            .collect();
+        let pool = self.pool.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut c = pool.get()?;
+            store::advance_cursors(&mut c, &rows)
+        })
+        .await;
+        if !matches!(result, Ok(Ok(_))) {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, s) in batch {
+                let e = p.entry(k).or_insert(s);
+                if *e < s {
+                    *e = s;
+                }
+            }
+        }
+    }
+}

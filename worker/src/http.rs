@@ -1,0 +1,765 @@
+//! HTTP: the accept loop, the REST API of the contract, `/health`,
+//! `/ready`, `/metrics`, and the route to the WebSocket upgrade.
+//!
+//! Every error is JSON `{"error":code,"message":...}` with the contract's
+//! status; 429 and 503 carry `Retry-After` (and `retry_after` in the body).
+
+use crate::commit::{ReplyTo, SendRequest};
+use crate::fanout::Frame;
+use crate::phase::Phase;
+use crate::{ws, App};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tether_shared::auth::{self, valid_user_id};
+use tether_shared::frames::{http_error_body, validate_client_msg_id};
+use tether_shared::store::{self, NewMessage, StoreError};
+use tokio::net::TcpListener;
+
+pub type Body = Full<Bytes>;
+
+/// Largest request body read (JSON around a message body of the maximum size).
+fn body_limit(app: &App) -> usize {
+    app.config.max_body_bytes * 2 + 4096
+}
+
+/// Accepts connections until the worker drains.
+pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
+    let mut phase = app.phase.subscribe();
+    loop {
+        if app.phase.get() == Phase::Draining {
+            break;
+        }
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(app.clone(), stream));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("{}: accept failed: {e}", app.config.worker_id);
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = phase.changed() => {}
+        }
+    }
+    log::info!("{}: stopped accepting", app.config.worker_id);
+}
+
+async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
+    let svc_app = app.clone();
+    let svc = service_fn(move |req| {
+        let app = svc_app.clone();
+        async move { Ok::<_, Infallible>(handle(app, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.handshake_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    let mut phase = app.phase.subscribe();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = crate::phase::until_draining(&mut phase) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An error response of the contract.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, http_error_body(code, message, None))
+}
+
+fn retry_response(status: StatusCode, code: &str, message: &str, secs: u64) -> Response<Body> {
+    let mut r = json_response(status, http_error_body(code, message, Some(secs)));
+    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// The response for a store error.
+pub fn store_error_response(e: &StoreError) -> Response<Body> {
+    match e {
+        StoreError::Unavailable(_) => retry_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is unavailable; nothing was written, retry later",
+            1,
+        ),
+        StoreError::NotFound(_) => {
+            error_response(StatusCode::NOT_FOUND, "not_found", &e.to_string())
+        }
+        StoreError::NotMember { .. } => {
+            error_response(StatusCode::NOT_FOUND, "not_found", &e.to_string())
+        }
+        StoreError::Invalid(m) => {
+            error_response(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", m)
+        }
+        StoreError::Internal(m) => {
+            log::error!("internal error: {m}");
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        }
+    }
+}
+
+/// Decodes `%XX` and `+` in a query component.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of `name` in a query string.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+/// The bearer token of a request (header only; `?token=` is accepted on
+/// the WebSocket route alone).
+pub fn bearer(req: &Request<Incoming>) -> Option<String> {
+    let h = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let t = h
+        .strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))?;
+    Some(t.trim().to_string())
+}
+
+/// Verifies a token; on failure the 401 response. The token itself is
+/// never logged.
+pub fn authenticate(app: &App, token: Option<String>) -> Result<Arc<str>, Response<Body>> {
+    let token = token.unwrap_or_default();
+    match auth::verify(&app.secret, &token) {
+        Ok(user) => Ok(Arc::from(user)),
+        Err(e) => {
+            app.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            log::debug!("auth refused: {e}");
+            let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            Err(r)
+        }
+    }
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["health"]) => return health(&app),
+        (&Method::GET, ["ready"]) => return ready(&app),
+        (&Method::GET, ["metrics"]) => return metrics(&app),
+        (&Method::GET, ["v1", "ws"]) => return ws::upgrade(app, req),
+        _ => {}
+    }
+    let known = matches!(
+        segments.as_slice(),
+        ["v1", "conversations"]
+            | ["v1", "conversations", _, "members"]
+            | ["v1", "conversations", _, "members", _]
+            | ["v1", "conversations", _, "messages"]
+            | ["v1", "conversations", _, "events"]
+    );
+    if !known {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no such route");
+    }
+    let user = match authenticate(&app, bearer(&req)) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let query = req.uri().query().map(str::to_owned);
+    let conv = |s: &str| s.parse::<i64>().ok().filter(|c| *c > 0);
+    match (method, segments.as_slice()) {
+        (Method::POST, ["v1", "conversations"]) => create_conversation(app, user, req).await,
+        (Method::GET, ["v1", "conversations"]) => {
+            list_conversations(app, user, query.as_deref()).await
+        }
+        (Method::POST, ["v1", "conversations", id, "members"]) => match conv(id) {
+            Some(c) => add_member(app, user, c, req).await,
+            None => unknown_conversation(id),
+        },
+        (Method::DELETE, ["v1", "conversations", id, "members", member]) => match conv(id) {
+            Some(c) => remove_member(app, user, c, percent_decode(member)).await,
+            None => unknown_conversation(id),
+        },
+        (Method::POST, ["v1", "conversations", id, "messages"]) => match conv(id) {
+            Some(c) => send_message(app, user, c, req).await,
+            None => unknown_conversation(id),
+        },
+        (Method::GET, ["v1", "conversations", id, "events"]) => match conv(id) {
+            Some(c) => list_events(app, user, c, query.as_deref()).await,
+            None => unknown_conversation(id),
+        },
+        _ => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        ),
+    }
+}
+
+fn unknown_conversation(id: &str) -> Response<Body> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!(
+            "conversation {:?} not found",
+            id.chars().take(40).collect::<String>()
+        ),
+    )
+}
+
+/// Reads a JSON object body: 413 past the limit, 400 if not JSON or not
+/// an object.
+async fn read_json(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<serde_json::Map<String, Value>, Response<Body>> {
+    let limit = body_limit(app);
+    if let Some(len) = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body too large",
+            ));
+        }
+    }
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Err(error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body too large",
+                ));
+            }
+            return Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "could not read the request body",
+            ));
+        }
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("malformed JSON: {e}"),
+        )),
+    }
+}
+
+fn invalid(message: &str) -> Response<Body> {
+    error_response(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+}
+
+async fn create_conversation(
+    app: Arc<App>,
+    user: Arc<str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let body = match read_json(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let members: Vec<String> = match body.get("members") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => {
+            let mut out = Vec::with_capacity(a.len());
+            for m in a {
+                match m.as_str() {
+                    Some(s) if valid_user_id(s) => out.push(s.to_string()),
+                    _ => {
+                        return invalid("members must be user ids (1-64 chars of [A-Za-z0-9_.@-])")
+                    }
+                }
+            }
+            out
+        }
+        Some(_) => return invalid("members must be an array of user ids"),
+    };
+    if members.len() > store::MAX_INITIAL_MEMBERS {
+        return invalid("too many members");
+    }
+    let title = match body.get("title") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) if s.chars().count() <= 200 && !s.contains('\0') => s.clone(),
+        Some(_) => return invalid("title must be a string of at most 200 characters without NUL"),
+    };
+    let creator = user.to_string();
+    let result = app
+        .db(move |c| store::create_conversation(c, &creator, &title, &members))
+        .await;
+    match result {
+        Ok(change) => {
+            let Some(event) = change.event else {
+                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no event");
+            };
+            log::info!("user={user} conversation={} created", event.conversation_id);
+            let body = json!({
+                "id": event.conversation_id,
+                "title": event.title,
+                "members": event.members,
+                "seq": event.seq,
+            })
+            .to_string();
+            app.dispatcher
+                .local(vec![Arc::new(Frame::from_event(&event, Instant::now()))]);
+            json_response(StatusCode::CREATED, body)
+        }
+        Err(e) => store_error_response(&e),
+    }
+}
+
+async fn add_member(
+    app: Arc<App>,
+    user: Arc<str>,
+    conversation_id: i64,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let body = match read_json(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let member = match body.get("user").and_then(Value::as_str) {
+        Some(u) if valid_user_id(u) => u.to_string(),
+        _ => return invalid("user must be a user id (1-64 chars of [A-Za-z0-9_.@-])"),
+    };
+    let actor = user.to_string();
+    let m = member.clone();
+    match app
+        .db(move |c| store::add_member(c, &actor, conversation_id, &m))
+        .await
+    {
+        Ok(change) => match change.event {
+            Some(event) => {
+                log::info!(
+                    "user={user} conversation={conversation_id} seq={} added {member}",
+                    event.seq
+                );
+                let body = json!({"conversation_id": conversation_id, "user": member, "added": true, "seq": event.seq}).to_string();
+                app.dispatcher
+                    .local(vec![Arc::new(Frame::from_event(&event, Instant::now()))]);
+                json_response(StatusCode::OK, body)
+            }
+            None => json_response(
+                StatusCode::OK,
+                json!({"conversation_id": conversation_id, "user": member, "added": false})
+                    .to_string(),
+            ),
+        },
+        Err(e) => store_error_response(&e),
+    }
+}
+
+async fn remove_member(
+    app: Arc<App>,
+    user: Arc<str>,
+    conversation_id: i64,
+    member: String,
+) -> Response<Body> {
+    if !valid_user_id(&member) {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no such member");
+    }
+    let actor = user.to_string();
+    let m = member.clone();
+    match app
+        .db(move |c| store::remove_member(c, &actor, conversation_id, &m))
+        .await
+    {
+        Ok(change) => {
+            let seq = change.event.as_ref().map(|e| e.seq);
+            if let Some(event) = change.event {
+                log::info!(
+                    "user={user} conversation={conversation_id} seq={} removed {member}",
+                    event.seq
+                );
+                app.dispatcher
+                    .local(vec![Arc::new(Frame::from_event(&event, Instant::now()))]);
+            }
+            json_response(
+                StatusCode::OK,
+                json!({"conversation_id": conversation_id, "user": member, "removed": true, "seq": seq}).to_string(),
+            )
+        }
+        Err(e) => store_error_response(&e),
+    }
+}
+
+/// Validates a message body against the size limit: `Err` is the
+/// (status-worthy) code and message.
+pub fn check_body(app: &App, body: &str) -> Result<(), (&'static str, String)> {
+    if body.len() > app.config.max_body_bytes {
+        return Err((
+            "payload_too_large",
+            format!(
+                "message body is {} bytes; the limit is {}",
+                body.len(),
+                app.config.max_body_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn send_message(
+    app: Arc<App>,
+    user: Arc<str>,
+    conversation_id: i64,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let body = match read_json(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let text = match body.get("body") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return invalid("body must be a string"),
+    };
+    if let Err((code, msg)) = check_body(&app, &text) {
+        return error_response(StatusCode::PAYLOAD_TOO_LARGE, code, &msg);
+    }
+    let client_msg_id = match body.get("client_msg_id") {
+        Some(Value::String(s)) => {
+            if let Err(m) = validate_client_msg_id(s) {
+                return invalid(m);
+            }
+            s.clone()
+        }
+        // Without a key the send is not idempotent; give it a unique one.
+        None | Some(Value::Null) => {
+            let mut b = [0u8; 16];
+            if getrandom::fill(&mut b).is_err() {
+                return store_error_response(&StoreError::Internal("no randomness".into()));
+            }
+            format!(
+                "srv-{}",
+                b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+            )
+        }
+        Some(_) => return invalid("client_msg_id must be a string"),
+    };
+    if let Err(secs) = app.rate.check(&user) {
+        app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return retry_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many sends; slow down",
+            secs,
+        );
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let req = SendRequest {
+        message: NewMessage {
+            conversation_id,
+            sender: user.to_string(),
+            body: text,
+            client_msg_id,
+        },
+        reply: ReplyTo::Once(tx),
+        queued_at: Instant::now(),
+    };
+    if app.committer.submit(req).await.is_err() {
+        return store_error_response(&StoreError::Unavailable("commit lanes stopped".into()));
+    }
+    match rx.await {
+        Ok(Ok(appended)) => {
+            let status = if appended.duplicate {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            json_response(status, appended.event.to_json())
+        }
+        Ok(Err(e)) => store_error_response(&e),
+        Err(_) => store_error_response(&StoreError::Unavailable("commit lane stopped".into())),
+    }
+}
+
+fn parse_i64_param(query: Option<&str>, name: &str) -> Result<Option<i64>, Response<Body>> {
+    match query_param(query, name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n >= 0 => Ok(Some(n)),
+            _ => Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("{name} must be a non-negative integer"),
+            )),
+        },
+    }
+}
+
+fn limit_param(query: Option<&str>) -> Result<i64, Response<Body>> {
+    Ok(parse_i64_param(query, "limit")?.unwrap_or(50).clamp(1, 200))
+}
+
+async fn list_conversations(app: Arc<App>, user: Arc<str>, query: Option<&str>) -> Response<Body> {
+    let after = match parse_i64_param(query, "after") {
+        Ok(a) => a.unwrap_or(0),
+        Err(r) => return r,
+    };
+    let limit = match limit_param(query) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let u = user.to_string();
+    match app
+        .db(move |c| store::conversations_page(c, &u, after, limit + 1))
+        .await
+    {
+        Ok(mut rows) => {
+            let more = rows.len() as i64 > limit;
+            rows.truncate(limit as usize);
+            let next = if more {
+                rows.last().map(|r| r.id.to_string())
+            } else {
+                None
+            };
+            json_response(
+                StatusCode::OK,
+                json!({"conversations": rows, "next": next}).to_string(),
+            )
+        }
+        Err(e) => store_error_response(&e),
+    }
+}
+
+async fn list_events(
+    app: Arc<App>,
+    user: Arc<str>,
+    conversation_id: i64,
+    query: Option<&str>,
+) -> Response<Body> {
+    let before = match parse_i64_param(query, "before_seq") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let after = match parse_i64_param(query, "after_seq") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if before.is_some() && after.is_some() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "give before_seq or after_seq, not both",
+        );
+    }
+    let limit = match limit_param(query) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let u = user.to_string();
+    match app
+        .db(move |c| store::events_page(c, &u, conversation_id, before, after, limit + 1))
+        .await
+    {
+        Ok(mut events) => {
+            let more = events.len() as i64 > limit;
+            events.truncate(limit as usize);
+            let last = events.last().map(|e| e.seq);
+            let body = if after.is_some() {
+                json!({"events": events, "next_after_seq": if more { last } else { None }})
+            } else {
+                json!({"events": events, "next_before_seq": if more { last } else { None }})
+            };
+            json_response(StatusCode::OK, body.to_string())
+        }
+        Err(e) => store_error_response(&e),
+    }
+}
+
+fn health(app: &App) -> Response<Body> {
+    let db_ok = app.health.connected();
+    let ms = app.health.response_ms();
+    let cluster = app.cluster.get();
+    let status = if !db_ok {
+        "unhealthy"
+    } else if cluster.alive < cluster.configured || ms > crate::health::SLOW_DB_MS as f64 {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let code = if db_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        code,
+        json!({
+            "status": status,
+            "database": {"connected": db_ok, "response_ms": ms},
+            "workers": {
+                "configured": cluster.configured,
+                "alive": cluster.alive,
+                "restarts": cluster.restarts,
+            },
+            "connections": app.metrics.connections_open.load(Ordering::Relaxed),
+            "worker": app.config.worker_id,
+            "phase": match app.phase.get() { Phase::Serving => "serving", Phase::Draining => "draining" },
+        })
+        .to_string(),
+    )
+}
+
+fn ready(app: &App) -> Response<Body> {
+    let db_ok = app.health.connected();
+    let serving = app.phase.get() == Phase::Serving;
+    let ready = db_ok && serving;
+    json_response(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        json!({
+            "ready": ready,
+            "worker": app.config.worker_id,
+            "checks": {"database": db_ok, "draining": !serving},
+        })
+        .to_string(),
+    )
+}
+
+fn metrics(app: &App) -> Response<Body> {
+    let state = app.pool.state();
+    let cluster = app.cluster.get();
+    let extra = [
+        (
+            "tether_db_pool_connections",
+            "Connections in the read pool.",
+            state.connections as f64,
+        ),
+        (
+            "tether_db_pool_idle",
+            "Idle connections in the read pool.",
+            state.idle_connections as f64,
+        ),
+        (
+            "tether_db_pool_in_use",
+            "Read pool connections in use.",
+            (state.connections - state.idle_connections) as f64,
+        ),
+        (
+            "tether_db_up",
+            "1 if the last database probe succeeded.",
+            if app.health.connected() { 1.0 } else { 0.0 },
+        ),
+        (
+            "tether_db_response_ms",
+            "Last database probe round trip.",
+            app.health.response_ms(),
+        ),
+        (
+            "tether_commit_queue",
+            "Sends waiting for a commit lane.",
+            app.committer.queued() as f64,
+        ),
+        (
+            "tether_workers_configured",
+            "Workers the supervisor runs.",
+            cluster.configured as f64,
+        ),
+        (
+            "tether_workers_alive",
+            "Workers alive and ready.",
+            cluster.alive as f64,
+        ),
+        (
+            "tether_worker_restarts",
+            "Worker replacements since the supervisor started.",
+            cluster.restarts as f64,
+        ),
+    ];
+    let mut r = Response::new(Full::new(Bytes::from(
+        app.metrics.render(&app.config.worker_id, &extra),
+    )));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing_decodes() {
+        assert_eq!(
+            query_param(Some("a=1&token=x%2Ey+z"), "token").as_deref(),
+            Some("x.y z")
+        );
+        assert_eq!(query_param(Some("a=1"), "b"), None);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+}

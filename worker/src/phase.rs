@@ -1,0 +1,73 @@
+//! The worker's lifecycle phase, one value that `/ready`, the accept loop,
+//! every connection and the tests all read.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use tokio::sync::watch;
+
+/// Where the worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Stopped accepting; connections are being closed with 1001 and
+    /// in-flight commits finished. `/ready` answers 503.
+    Draining,
+}
+
+/// Why the worker drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownReason {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// The supervisor's control socket closed: our supervisor is gone.
+    SupervisorGone,
+}
+
+/// Shared phase: an atomic for cheap reads and a watch for waiting.
+pub struct PhaseCell {
+    value: AtomicU8,
+    tx: watch::Sender<Phase>,
+}
+
+impl PhaseCell {
+    pub fn new() -> PhaseCell {
+        PhaseCell {
+            value: AtomicU8::new(0),
+            tx: watch::channel(Phase::Serving).0,
+        }
+    }
+
+    pub fn get(&self) -> Phase {
+        match self.value.load(Ordering::Acquire) {
+            0 => Phase::Serving,
+            _ => Phase::Draining,
+        }
+    }
+
+    /// Moves to Draining; returns false if already draining.
+    pub fn start_draining(&self, reason: ShutdownReason) -> bool {
+        if self.value.swap(1, Ordering::AcqRel) == 1 {
+            return false;
+        }
+        log::info!("draining ({reason:?})");
+        self.tx.send_replace(Phase::Draining);
+        true
+    }
+
+    /// A receiver that changes when draining starts.
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for PhaseCell {
+    fn default() -> Self {
+        PhaseCell::new()
+    }
+}
+
+/// Resolves once the phase is Draining (holds no borrow across awaits, so
+/// the future stays `Send`).
+pub async fn until_draining(rx: &mut watch::Receiver<Phase>) {
+    let _ = rx.wait_for(|p| *p == Phase::Draining).await.map(|_| ());
+}

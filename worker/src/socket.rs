@@ -1,0 +1,91 @@
+//! Where the listening socket comes from: inherited from the supervisor
+//! (`TETHER_LISTEN_FD`), from systemd socket activation (`LISTEN_FDS` with
+//! `LISTEN_PID` = our pid, fd 3), or bound here (`--listen`).
+
+use std::net::TcpListener as StdListener;
+use std::os::fd::{FromRawFd, RawFd};
+use tether_shared::control::ENV_LISTEN_FD;
+
+/// Why no listening socket could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{var}={value:?} is not a file descriptor")]
+    BadFd { var: &'static str, value: String },
+    #[error("fd {fd} is not a listening TCP socket: {source}")]
+    NotASocket { fd: RawFd, source: std::io::Error },
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A listening socket, not yet registered with tokio.
+pub struct Acquired(StdListener);
+
+impl Acquired {
+    /// Registers the socket with the current tokio runtime.
+    pub fn into_tokio(self) -> std::io::Result<tokio::net::TcpListener> {
+        self.0.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(self.0)
+    }
+}
+
+fn from_fd(var: &'static str, value: &str) -> Result<Acquired, SocketError> {
+    let fd: RawFd = value.trim().parse().map_err(|_| SocketError::BadFd {
+        var,
+        value: value.to_string(),
+    })?;
+    // Check it is a socket we can use before taking ownership.
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || ty != libc::SOCK_STREAM {
+        return Err(SocketError::NotASocket {
+            fd,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the fd was handed to this process for exactly this purpose
+    // (by the supervisor or systemd) and nothing else in the process owns it.
+    let listener = unsafe { StdListener::from_raw_fd(fd) };
+    // Our copy must not leak into anything we might spawn.
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+    Ok(Acquired(listener))
+}
+
+/// Gets the listening socket (see the module doc for the order).
+pub fn acquire(listen: &str) -> Result<Acquired, SocketError> {
+    if let Ok(v) = std::env::var(ENV_LISTEN_FD) {
+        std::env::remove_var(ENV_LISTEN_FD);
+        return from_fd("TETHER_LISTEN_FD", &v);
+    }
+    if let (Ok(fds), Ok(pid)) = (std::env::var("LISTEN_FDS"), std::env::var("LISTEN_PID")) {
+        if pid.trim() == std::process::id().to_string() && fds.trim() == "1" {
+            std::env::remove_var("LISTEN_FDS");
+            std::env::remove_var("LISTEN_PID");
+            std::env::remove_var("LISTEN_FDNAMES");
+            return from_fd("LISTEN_FDS", "3");
+        }
+    }
+    let listener = StdListener::bind(listen).map_err(|source| SocketError::Bind {
+        addr: listen.to_string(),
+        source,
+    })?;
+    Ok(Acquired(listener))
+}

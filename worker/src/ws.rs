@@ -1,0 +1,715 @@
+//! One WebSocket connection: authenticate before the upgrade, `hello`, the
+//! backlog, `synced`, then live events, sends and acks until either side
+//! closes or the worker drains.
+//!
+//! Per conversation the connection remembers `last`, the highest seq it has
+//! written to the socket, and writes only `last + 1`: duplicates from the
+//! backlog/live overlap are dropped, and a gap (which the dispatcher should
+//! never produce) is repaired from the event log rather than passed on.
+
+use crate::commit::{ConnReply, ReplyTo, SendRequest};
+use crate::fanout::{ConnMsg, Frame, MembershipChange};
+use crate::http::{
+    authenticate, bearer, check_body, error_response, json_response, query_param, Body,
+};
+use crate::phase::Phase;
+use crate::App;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_shared::frames::{server, ClientFrame, Event};
+use tether_shared::store::{self, NewMessage, StoreError};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Events read per query when replaying a backlog or filling a gap.
+const PAGE: i64 = 1000;
+
+/// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
+/// 503 when draining or full, 400 for a request that is not a WebSocket
+/// handshake; otherwise 101 and the connection runs in its own task.
+pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let token = bearer(&req).or_else(|| query_param(req.uri().query(), "token"));
+    let user = match authenticate(&app, token) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = headers
+        .get("sec-websocket-version")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = headers
+        .get("sec-websocket-key")
+        .map(|k| k.as_bytes().to_vec())
+    else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not a WebSocket handshake",
+        );
+    };
+    if !is_upgrade || !version_ok {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not a WebSocket handshake (version 13)",
+        );
+    }
+    if app.phase.get() == Phase::Draining {
+        app.metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this worker is draining; reconnect",
+        );
+    }
+    // Reserve the slot now so concurrent upgrades cannot overshoot.
+    let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
+    if open as usize >= app.config.max_connections {
+        app.live_conns.fetch_sub(1, Ordering::AcqRel);
+        app.metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let mut r = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "this worker is full",
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return r;
+    }
+    let on_upgrade = hyper::upgrade::on(req);
+    let config = WebSocketConfig::default()
+        // Idle sockets are most of a gateway's memory: start small, grow on demand.
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(app.config.max_frame_bytes.max(64 * 1024) * 4)
+        .max_message_size(Some(app.config.max_frame_bytes))
+        .max_frame_size(Some(app.config.max_frame_bytes));
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                Connection::run(app.clone(), socket, user).await;
+            }
+            Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
+        }
+        app.live_conns.fetch_sub(1, Ordering::AcqRel);
+    });
+    let mut r = json_response(StatusCode::SWITCHING_PROTOCOLS, String::new());
+    r.headers_mut().remove(hyper::header::CONTENT_TYPE);
+    r.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static("websocket"));
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(&key)) {
+        r.headers_mut().insert("sec-websocket-accept", v);
+    }
+    r
+}
+
+/// Where the connection stands in one conversation.
+struct Position {
+    /// Highest seq written to the socket (or the cursor before any).
+    last: i64,
+    /// False once the user left; only their re-joining re-activates it.
+    active: bool,
+}
+
+/// How a connection ended, for the close frame.
+enum End {
+    ClientClosed,
+    Draining,
+    TooSlow,
+    TooLarge,
+    InvalidUtf8,
+    Idle,
+    Internal(&'static str),
+}
+
+struct Connection {
+    app: Arc<App>,
+    id: u64,
+    user: Arc<str>,
+    sink: SplitSink<Socket, Message>,
+    positions: HashMap<i64, Position>,
+    inflight: usize,
+    reply_tx: mpsc::Sender<ConnReply>,
+    unflushed: usize,
+}
+
+impl Connection {
+    async fn run(app: Arc<App>, socket: Socket, user: Arc<str>) {
+        let id = app.next_conn_id();
+        let (sink, stream) = socket.split();
+        let (tx, rx) = mpsc::channel(app.config.outbound_queue);
+        let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
+        let cut = Arc::new(AtomicBool::new(false));
+        app.dispatcher.register(id, user.clone(), tx, cut.clone());
+        app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        app.metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        log::debug!("user={user} conn={id}: connected");
+        let mut conn = Connection {
+            app: app.clone(),
+            id,
+            user: user.clone(),
+            sink,
+            positions: HashMap::new(),
+            inflight: 0,
+            reply_tx,
+            unflushed: 0,
+        };
+        let end = conn.serve(stream, rx, reply_rx, &cut).await;
+        conn.close(end).await;
+        app.dispatcher.deregister(id);
+        app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        log::debug!("user={user} conn={id}: closed");
+    }
+
+    async fn write(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
+        self.unflushed += 1;
+        self.sink.feed(Message::Text(text)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), WsError> {
+        if self.unflushed > 0 {
+            self.unflushed = 0;
+            self.sink.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_now(&mut self, text: String) -> Result<(), WsError> {
+        self.write(Utf8Bytes::from(text)).await?;
+        self.flush().await
+    }
+
+    async fn close(&mut self, end: End) {
+        let (code, reason) = match end {
+            End::ClientClosed => return,
+            End::Draining => (CloseCode::Away, "server draining; reconnect"),
+            End::TooSlow => (
+                CloseCode::Again,
+                "client too slow; reconnect to replay from your cursor",
+            ),
+            End::TooLarge => (CloseCode::Size, "frame too large"),
+            End::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
+            End::Idle => (CloseCode::Normal, "idle timeout"),
+            End::Internal(why) => (CloseCode::Error, why),
+        };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.sink.send(Message::Close(Some(frame))).await;
+            let _ = self.sink.close().await;
+        })
+        .await;
+    }
+
+    /// The connection's life; returns why it ended.
+    async fn serve(
+        &mut self,
+        mut stream: SplitStream<Socket>,
+        mut rx: mpsc::Receiver<ConnMsg>,
+        mut reply_rx: mpsc::Receiver<ConnReply>,
+        cut: &AtomicBool,
+    ) -> End {
+        let hello = server::hello(&self.user, &self.app.config.worker_id);
+        if self.write_now(hello).await.is_err() {
+            return End::ClientClosed;
+        }
+        if let Err(end) = self.replay_backlog(&mut stream).await {
+            return end;
+        }
+
+        let mut phase = self.app.phase.subscribe();
+        let idle = self.app.config.idle_timeout;
+        let mut last_inbound = Instant::now();
+        let mut ticker = tokio::time::interval(idle / 4);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pinged = false;
+        loop {
+            let can_read = self.inflight < self.app.config.max_inflight;
+            tokio::select! {
+                biased;
+                _ = crate::phase::until_draining(&mut phase) => {
+                    self.finish_inflight(&mut reply_rx).await;
+                    return End::Draining;
+                }
+                reply = reply_rx.recv() => {
+                    if let Some(r) = reply {
+                        self.inflight -= 1;
+                        if self.on_reply(r).await.is_err() { return End::ClientClosed; }
+                        if self.flush().await.is_err() { return End::ClientClosed; }
+                    }
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else {
+                        return if cut.load(Ordering::Acquire) { End::TooSlow } else { End::Internal("fan-out stopped") };
+                    };
+                    if let Err(end) = self.on_conn_msg(msg).await { return end; }
+                    // Write whatever else is queued, then flush once.
+                    for _ in 0..256 {
+                        match rx.try_recv() {
+                            Ok(m) => if let Err(end) = self.on_conn_msg(m).await { return end; },
+                            Err(_) => break,
+                        }
+                    }
+                    if self.flush().await.is_err() { return End::ClientClosed; }
+                }
+                inbound = stream.next(), if can_read => {
+                    last_inbound = Instant::now();
+                    pinged = false;
+                    match inbound {
+                        None => return End::ClientClosed,
+                        Some(Ok(m)) => {
+                            match self.on_client_message(m).await {
+                                Ok(true) => {}
+                                Ok(false) => return End::ClientClosed,
+                                Err(end) => return end,
+                            }
+                            if self.flush().await.is_err() { return End::ClientClosed; }
+                        }
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))
+                            => return End::TooLarge,
+                        Some(Err(WsError::Utf8(_))) => return End::InvalidUtf8,
+                        Some(Err(e)) => {
+                            log::debug!("user={} conn={}: read error: {e}", self.user, self.id);
+                            return End::ClientClosed;
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    let silent = last_inbound.elapsed();
+                    if silent >= idle {
+                        log::info!("user={} conn={}: silent for {}s, closing", self.user, self.id, silent.as_secs());
+                        return End::Idle;
+                    }
+                    if silent >= idle / 2 && !pinged {
+                        pinged = true;
+                        if self.sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                            return End::ClientClosed;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded by the drain time) for sends already submitted, so
+    /// their senders get `sent` before the 1001.
+    async fn finish_inflight(&mut self, reply_rx: &mut mpsc::Receiver<ConnReply>) {
+        let deadline = tokio::time::Instant::now() + self.app.config.drain;
+        while self.inflight > 0 {
+            match tokio::time::timeout_at(deadline, reply_rx.recv()).await {
+                Ok(Some(r)) => {
+                    self.inflight -= 1;
+                    if self.on_reply(r).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+        let _ = self.flush().await;
+    }
+
+    /// Registers interest, reads memberships, subscribes, replays every
+    /// event above the cursor of every conversation, says `synced`.
+    /// Retries while the database is down (the socket stays open).
+    async fn replay_backlog(&mut self, stream: &mut SplitStream<Socket>) -> Result<(), End> {
+        let mut told_unavailable = false;
+        let memberships = loop {
+            let user = self.user.to_string();
+            match self.app.db(move |c| store::memberships(c, &user)).await {
+                Ok(m) => break m,
+                Err(e) if e.is_unavailable() => {
+                    if !told_unavailable {
+                        told_unavailable = true;
+                        let f = server::error(
+                            "database_unavailable",
+                            "the database is unavailable; your backlog follows when it returns",
+                            None,
+                            Some(1),
+                        );
+                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                    }
+                    self.wait_or_client_gone(stream, Duration::from_millis(500))
+                        .await?;
+                }
+                Err(e) => {
+                    log::error!("user={} conn={}: memberships: {e}", self.user, self.id);
+                    return Err(End::Internal("could not read memberships"));
+                }
+            }
+        };
+        for m in &memberships {
+            self.positions.insert(
+                m.conversation_id,
+                Position {
+                    last: m.cursor,
+                    active: true,
+                },
+            );
+        }
+        self.app.dispatcher.subscribe(
+            self.id,
+            memberships
+                .iter()
+                .map(|m| (m.conversation_id, m.last_seq))
+                .collect(),
+        );
+        let mut replayed = 0u64;
+        for m in &memberships {
+            let mut after = m.cursor;
+            while after < m.last_seq {
+                let (c, upto) = (m.conversation_id, m.last_seq);
+                let page = match self
+                    .app
+                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) if e.is_unavailable() => {
+                        self.wait_or_client_gone(stream, Duration::from_millis(500))
+                            .await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        log::error!("user={} conn={}: backlog of {c}: {e}", self.user, self.id);
+                        return Err(End::Internal("could not read the backlog"));
+                    }
+                };
+                if page.is_empty() {
+                    break;
+                }
+                for e in &page {
+                    after = e.seq;
+                    replayed += 1;
+                    self.write_event(e).await.map_err(|_| End::ClientClosed)?;
+                }
+                self.flush().await.map_err(|_| End::ClientClosed)?;
+            }
+        }
+        self.app.metrics.backlog_events.observe(replayed as f64);
+        self.write_now(server::synced())
+            .await
+            .map_err(|_| End::ClientClosed)?;
+        log::debug!(
+            "user={} conn={}: synced after {replayed} backlog events",
+            self.user,
+            self.id
+        );
+        Ok(())
+    }
+
+    /// Sleeps `d`, but returns early with an error if the client closes.
+    async fn wait_or_client_gone(
+        &mut self,
+        stream: &mut SplitStream<Socket>,
+        d: Duration,
+    ) -> Result<(), End> {
+        let sleep = tokio::time::sleep(d);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return Ok(()),
+                m = stream.next() => match m {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
+                    // Frames sent before synced are refused: the client must
+                    // wait for its backlog.
+                    Some(Ok(Message::Text(_))) | Some(Ok(Message::Binary(_))) => {
+                        let f = server::error("not_synced", "wait for synced before sending", None, Some(1));
+                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    /// Writes an event read from the log (backlog or repair), keeping order.
+    async fn write_event(&mut self, e: &Event) -> Result<(), WsError> {
+        let pos = self.positions.entry(e.conversation_id).or_insert(Position {
+            last: e.seq - 1,
+            active: true,
+        });
+        if e.seq <= pos.last {
+            return Ok(());
+        }
+        pos.last = e.seq;
+        self.write(Utf8Bytes::from(e.to_frame())).await
+    }
+
+    async fn on_conn_msg(&mut self, msg: ConnMsg) -> Result<(), End> {
+        match msg {
+            ConnMsg::Event(f) => self.on_event(f).await,
+            ConnMsg::Backfill {
+                conversation_id,
+                after,
+                upto,
+            } => {
+                let last = match self.positions.get(&conversation_id) {
+                    Some(p) if p.active => p.last,
+                    _ => return Ok(()),
+                };
+                if last < upto {
+                    self.repair(conversation_id, last.max(after), upto).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads (after, upto] from the log and writes it.
+    async fn repair(&mut self, c: i64, mut after: i64, upto: i64) -> Result<(), End> {
+        while after < upto {
+            self.app
+                .metrics
+                .catchup_reads
+                .fetch_add(1, Ordering::Relaxed);
+            let page = loop {
+                match self
+                    .app
+                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
+                    .await
+                {
+                    Ok(p) => break p,
+                    Err(e) if e.is_unavailable() => {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
+                    Err(e) => {
+                        log::error!("user={} conn={}: repair of {c}: {e}", self.user, self.id);
+                        return Err(End::Internal("could not read the event log"));
+                    }
+                }
+            };
+            if page.is_empty() {
+                return Ok(());
+            }
+            for e in &page {
+                after = e.seq;
+                self.write_event(e).await.map_err(|_| End::ClientClosed)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, f: Arc<Frame>) -> Result<(), End> {
+        let c = f.conversation_id;
+        let me = &*self.user;
+        let joins_me = match &f.membership {
+            MembershipChange::Joined(u) => u == me,
+            MembershipChange::Created(members) => members.iter().any(|u| u == me),
+            _ => false,
+        };
+        let pos = match self.positions.get_mut(&c) {
+            Some(p) => p,
+            None if joins_me => self.positions.entry(c).or_insert(Position {
+                last: f.seq - 1,
+                active: true,
+            }),
+            None => return Ok(()),
+        };
+        if !pos.active {
+            if !joins_me {
+                return Ok(());
+            }
+            pos.active = true;
+            pos.last = pos.last.max(f.seq - 1);
+        }
+        if f.seq <= pos.last {
+            return Ok(());
+        }
+        if f.seq > pos.last + 1 {
+            let from = pos.last;
+            log::debug!(
+                "user={me} conn={} conversation={c}: gap {}..{}, repairing",
+                self.id,
+                from + 1,
+                f.seq - 1
+            );
+            self.repair(c, from, f.seq - 1).await?;
+        }
+        let leaves_me = matches!(&f.membership, MembershipChange::Left(u) if **u == *self.user);
+        if let Some(pos) = self.positions.get_mut(&c) {
+            if f.seq <= pos.last {
+                return Ok(());
+            }
+            pos.last = f.seq;
+            if leaves_me {
+                pos.active = false;
+            }
+        }
+        self.write(f.text.clone())
+            .await
+            .map_err(|_| End::ClientClosed)
+    }
+
+    /// Handles one frame from the client. `Ok(false)`: the client closed.
+    async fn on_client_message(&mut self, m: Message) -> Result<bool, End> {
+        match m {
+            Message::Text(t) => {
+                self.on_text(t.as_str()).await?;
+                Ok(true)
+            }
+            Message::Binary(_) => {
+                self.app.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let f = server::error(
+                    "bad_frame",
+                    "binary frames are not supported; send JSON text frames",
+                    None,
+                    None,
+                );
+                self.write(Utf8Bytes::from(f))
+                    .await
+                    .map_err(|_| End::ClientClosed)?;
+                Ok(true)
+            }
+            Message::Close(_) => Ok(false),
+            // Pings are answered by the WebSocket layer; pongs just count
+            // as the client being alive.
+            _ => Ok(true),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+        let frame = match ClientFrame::parse(text) {
+            Ok(f) => f,
+            Err(e) => {
+                self.app.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let f = server::error(e.code, &e.message, e.client_msg_id.as_deref(), None);
+                return self
+                    .write(Utf8Bytes::from(f))
+                    .await
+                    .map_err(|_| End::ClientClosed);
+            }
+        };
+        let reply = match frame {
+            ClientFrame::Ping => server::pong(),
+            ClientFrame::Ack {
+                conversation_id,
+                seq,
+            } => match self.positions.get(&conversation_id) {
+                Some(p) if p.active && seq <= p.last => {
+                    self.app.cursors.ack(conversation_id, &self.user, seq);
+                    return Ok(());
+                }
+                Some(p) if p.active => server::error(
+                    "invalid_seq",
+                    &format!("seq {seq} is beyond the last delivered seq {}", p.last),
+                    None,
+                    None,
+                ),
+                _ => server::error(
+                    "not_found",
+                    &format!("conversation {conversation_id} not found"),
+                    None,
+                    None,
+                ),
+            },
+            ClientFrame::Send {
+                conversation_id,
+                body,
+                client_msg_id,
+            } => {
+                if let Err((code, msg)) = check_body(&self.app, &body) {
+                    server::error(code, &msg, Some(&client_msg_id), None)
+                } else if let Err(secs) = self.app.rate.check(&self.user) {
+                    self.app
+                        .metrics
+                        .rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                    server::error(
+                        "rate_limited",
+                        "too many sends; slow down",
+                        Some(&client_msg_id),
+                        Some(secs),
+                    )
+                } else {
+                    let req = SendRequest {
+                        message: NewMessage {
+                            conversation_id,
+                            sender: self.user.to_string(),
+                            body,
+                            client_msg_id,
+                        },
+                        reply: ReplyTo::Conn(self.reply_tx.clone()),
+                        queued_at: Instant::now(),
+                    };
+                    match self.app.committer.submit(req).await {
+                        Ok(()) => {
+                            self.inflight += 1;
+                            return Ok(());
+                        }
+                        Err(req) => server::error(
+                            "database_unavailable",
+                            "commit lanes stopped",
+                            Some(&req.message.client_msg_id),
+                            Some(1),
+                        ),
+                    }
+                }
+            }
+        };
+        self.write(Utf8Bytes::from(reply))
+            .await
+            .map_err(|_| End::ClientClosed)
+    }
+
+    async fn on_reply(&mut self, r: ConnReply) -> Result<(), WsError> {
+        let frame = match r.result {
+            Ok(a) => server::sent(
+                &r.client_msg_id,
+                r.conversation_id,
+                a.event.seq,
+                a.duplicate,
+            ),
+            Err(e) => {
+                let (code, retry) = match &e {
+                    StoreError::Unavailable(_) => ("database_unavailable", Some(1)),
+                    StoreError::NotFound(_) | StoreError::NotMember { .. } => ("not_found", None),
+                    StoreError::Invalid(_) => ("invalid_field", None),
+                    StoreError::Internal(_) => ("internal", None),
+                };
+                let msg = match &e {
+                    StoreError::Internal(_) => "internal error".to_string(),
+                    StoreError::Unavailable(_) => "the database is unavailable; nothing was written, retry with the same client_msg_id".to_string(),
+                    other => other.to_string(),
+                };
+                server::error(code, &msg, Some(&r.client_msg_id), retry)
+            }
+        };
+        self.write(Utf8Bytes::from(frame)).await
+    }
+}
