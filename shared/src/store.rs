@@ -113,6 +113,9 @@ pub struct DbSettings {
     pub url: String,
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
+    /// `application_name`, so operators (and tests) can tell the
+    /// connections apart in `pg_stat_activity`.
+    pub application_name: String,
 }
 
 impl DbSettings {
@@ -121,6 +124,15 @@ impl DbSettings {
             url: url.to_string(),
             connect_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(5),
+            application_name: "tether".to_string(),
+        }
+    }
+
+    /// The same settings under another `application_name`.
+    pub fn named(&self, name: &str) -> DbSettings {
+        DbSettings {
+            application_name: name.to_string(),
+            ..self.clone()
         }
     }
 
@@ -135,7 +147,7 @@ impl DbSettings {
             "-c statement_timeout={}",
             self.statement_timeout.as_millis()
         ));
-        cfg.application_name("tether");
+        cfg.application_name(&self.application_name);
         Ok(cfg)
     }
 

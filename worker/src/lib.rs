@@ -158,7 +158,11 @@ pub fn main() -> ExitCode {
 pub async fn run(listener: TcpListener, config: WorkerConfig) -> ExitCode {
     let worker = config.worker_id.clone();
     let settings = DbSettings::new(&config.database_url);
-    let pool = match store::pool(&settings, config.pool_size, Duration::from_secs(2)) {
+    let pool = match store::pool(
+        &settings.named(&format!("tether-pool {worker}")),
+        config.pool_size,
+        Duration::from_secs(2),
+    ) {
         Ok(p) => p,
         Err(e) => {
             log::error!("{worker}: {e}");
@@ -167,9 +171,14 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> ExitCode {
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(DbHealth::new());
-    let dispatcher = Dispatcher::start(pool.clone(), settings.clone(), metrics.clone(), &worker);
+    let dispatcher = Dispatcher::start(
+        pool.clone(),
+        settings.named(&format!("tether-listen {worker}")),
+        metrics.clone(),
+        &worker,
+    );
     let committer = Committer::start(
-        settings.clone(),
+        settings.named(&format!("tether-commit {worker}")),
         config.commit_lanes,
         config.max_batch,
         dispatcher.clone(),
