@@ -1,3 +1,205 @@
-fn main() {
-    println!("s")
+//! `tether`: the supervisor. It binds the listening socket once (or takes it
+//! from systemd), starts `--workers` `tether-worker` processes that all
+//! accept on it, restarts those that die, rolls them on SIGHUP and drains
+//! them on SIGTERM. Single-threaded, no async runtime: see
+//! docs/LIFECYCLE.md for the whole lifecycle.
+//!
+//! This file only parses the command line and wires the modules together:
+//!
+//! - [`config`]: flags and environment → [`config::Config`];
+//! - [`listener`]: bind, or systemd socket activation;
+//! - [`devmode`]: the private PostgreSQL, the secret, the schema;
+//! - [`spawn`]: fork+exec of one worker with fds 3 and 4;
+//! - [`supervise`]: the loop;
+//! - [`channel`], [`policy`], [`notify`]: its parts;
+//! - [`token`]: `tether token USER`.
+
+mod channel;
+mod config;
+mod devmode;
+mod listener;
+mod notify;
+mod policy;
+mod spawn;
+mod supervise;
+mod token;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+
+use tether_shared::auth::{self, Secret};
+use tether_shared::config::Flags;
+
+use crate::config::{Config, SWITCHES, USAGE, VALUE_OPTIONS};
+use crate::devmode::DevCluster;
+use crate::listener::Origin;
+use crate::spawn::WorkerTemplate;
+use crate::supervise::{Signals, Supervisor};
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+fn main() -> ExitCode {
+    let flags = match Flags::parse(std::env::args().skip(1), VALUE_OPTIONS, SWITCHES) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tether: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let first = flags.positional.first().map(String::as_str);
+    if flags.switch("help") || matches!(first, Some("-h" | "help")) {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    match first {
+        Some("token") => token::main(&flags),
+        Some("schema") => devmode::schema_main(&flags),
+        None => {
+            init_logging();
+            serve(&flags)
+        }
+        Some(other) => {
+            eprintln!("tether: unknown command {other:?} (see tether --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs `msg` and returns exit code `code`.
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    log::error!("sup: {msg}");
+    ExitCode::from(code)
+}
+
+/// Runs the gateway until stopped.
+fn serve(flags: &Flags) -> ExitCode {
+    let cfg = match Config::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    if !cfg.worker_bin.is_file() {
+        return fail(
+            2,
+            format!(
+                "worker binary {} not found (build it with `cargo build`, or set --worker-bin/TETHER_WORKER_BIN)",
+                cfg.worker_bin.display()
+            ),
+        );
+    }
+    // Handlers first: a SIGTERM during the (slow) dev-mode start is kept
+    // for the loop, which then starts no worker and exits.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(1, e),
+    };
+    let listener = match listener::open(&cfg.listen) {
+        Ok(l) => l,
+        Err(e) => return fail(1, e),
+    };
+    let listen_desc = match (listener.local, listener.origin) {
+        (Some(a), Origin::Bound) => a.to_string(),
+        (Some(a), Origin::Systemd) => format!("{a} (from systemd)"),
+        (None, _) => "the systemd socket".to_string(),
+    };
+
+    // Dev mode: a private PostgreSQL, started before any worker and
+    // stopped after the last one (it is dropped at the end of this function).
+    let dev = match &cfg.database_url {
+        Some(_) => None,
+        None => {
+            log::info!(
+                "sup: no DATABASE_URL: dev mode, private PostgreSQL in {}",
+                cfg.data_dir.join("pg").display()
+            );
+            match DevCluster::start(&cfg.data_dir) {
+                Ok(d) => Some(d),
+                Err(e) => return fail(1, e),
+            }
+        }
+    };
+    let database_url = match (&cfg.database_url, &dev) {
+        (Some(url), _) => url.clone(),
+        (None, Some(d)) => d.url(),
+        (None, None) => unreachable!("dev mode always has a cluster"),
+    };
+    let secret = match (&cfg.secret, &dev) {
+        (Some(s), _) => s.clone(),
+        (None, Some(_)) => match devmode::load_or_create_secret(&cfg.data_dir) {
+            Ok((s, created)) => {
+                if created {
+                    log::info!(
+                        "sup: dev mode: generated a secret in {}",
+                        devmode::secret_path(&cfg.data_dir).display()
+                    );
+                }
+                s
+            }
+            Err(e) => return fail(1, e),
+        },
+        (None, None) => {
+            return fail(
+                2,
+                "--secret or TETHER_SECRET is required with a DATABASE_URL",
+            )
+        }
+    };
+
+    // The schema, before any worker starts. In dev mode a failure is fatal;
+    // with an external database the workers report it as unavailable and
+    // keep retrying, so it is only logged.
+    match devmode::apply_schema(&database_url) {
+        Ok(()) => log::info!("sup: schema applied"),
+        Err(e) if dev.is_some() => return fail(1, e),
+        Err(e) => log::error!("sup: {e}; starting the workers anyway"),
+    }
+
+    if let Some(d) = &dev {
+        match auth::issue(&Secret::new(secret.clone().into_bytes()), "demo", 24 * 3600) {
+            Ok(t) => println!(
+                "{}",
+                devmode::banner(
+                    listener.local,
+                    d.port(),
+                    d.dir(),
+                    &devmode::secret_path(&cfg.data_dir),
+                    &t
+                )
+            ),
+            Err(e) => log::warn!("sup: dev mode: demo token: {e}"),
+        }
+    }
+
+    let mut env = BTreeMap::new();
+    env.insert("DATABASE_URL".to_string(), database_url);
+    env.insert("TETHER_SECRET".to_string(), secret);
+    env.insert(
+        "TETHER_DRAIN_MS".to_string(),
+        cfg.drain.as_millis().to_string(),
+    );
+    let template = WorkerTemplate {
+        bin: cfg.worker_bin.clone(),
+        args: Vec::new(),
+        env,
+    };
+    let sup = Supervisor::new(cfg, template, listener.fd.as_fd(), listen_desc, signals);
+    let outcome = match sup.run() {
+        Ok(o) => o,
+        Err(e) => return fail(1, e),
+    };
+    drop(dev);
+    ExitCode::from(outcome.exit_code())
 }

@@ -1,0 +1,299 @@
+//! Dev mode (no `DATABASE_URL`) and the schema.
+//!
+//! - [`DevCluster::start`]: a private PostgreSQL in `<data-dir>/pg` through
+//!   [`tether_shared::pgcluster::PgCluster::start_in`], on the fixed port
+//!   [`DEV_PG_PORT`] (or the next free one), so the same cluster and port
+//!   are reused across runs. It is stopped when the `DevCluster` is
+//!   dropped, which `main` does after every worker has exited.
+//! - [`load_or_create_secret`]: the token key kept in `<data-dir>/secret`
+//!   (mode 0600), generated on first use.
+//! - [`apply_schema`]: applies [`tether_shared::SCHEMA_SQL`] before any
+//!   worker starts. The `postgres` client runs a tokio runtime inside, and
+//!   the supervisor process stays free of tokio and threads, so the schema
+//!   is applied by a short-lived child: `tether schema` ([`schema_main`]).
+//! - [`banner`]: the demo token and copy-paste examples.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use tether_shared::config::Flags;
+use tether_shared::pgcluster::{PgCluster, PgError, PgOptions};
+
+/// The private PostgreSQL's preferred port; the next free one is taken if
+/// it is busy.
+pub const DEV_PG_PORT: u16 = 54329;
+/// How many ports from [`DEV_PG_PORT`] on are tried.
+const DEV_PG_PORTS: u16 = 20;
+
+/// What can go wrong in dev mode or while applying the schema.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("creating the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the secret file {path}: {source}")]
+    SecretFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the secret file {0} is empty")]
+    EmptySecret(PathBuf),
+    #[error("starting the private PostgreSQL in {dir}: {source}")]
+    Postgres {
+        dir: PathBuf,
+        #[source]
+        source: Box<PgError>,
+    },
+    #[error("no free port for the private PostgreSQL in {first}..{last}")]
+    NoPort { first: u16, last: u16 },
+    #[error("running `{exe} schema`: {source}")]
+    SchemaSpawn {
+        exe: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("applying the schema failed ({0}); see the line above")]
+    SchemaFailed(std::process::ExitStatus),
+}
+
+/// The private PostgreSQL of a dev-mode run; stopped on drop.
+pub struct DevCluster {
+    pg: PgCluster,
+}
+
+impl DevCluster {
+    /// Starts (creating on first use) the cluster in `<data_dir>/pg`.
+    pub fn start(data_dir: &Path) -> Result<DevCluster, DevError> {
+        ensure_dir(data_dir)?;
+        let dir = data_dir.join("pg");
+        let last = DEV_PG_PORT + DEV_PG_PORTS - 1;
+        for port in DEV_PG_PORT..=last {
+            let opts = PgOptions {
+                port: Some(port),
+                ..PgOptions::default()
+            };
+            match PgCluster::start_in(&dir, opts) {
+                Ok(pg) => return Ok(DevCluster { pg }),
+                Err(PgError::PortInUse { .. }) => {
+                    log::info!("sup: dev mode: port {port} is busy, trying the next");
+                }
+                Err(e) => {
+                    return Err(DevError::Postgres {
+                        dir,
+                        source: Box::new(e),
+                    })
+                }
+            }
+        }
+        Err(DevError::NoPort {
+            first: DEV_PG_PORT,
+            last,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        self.pg.url()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.pg.port()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.pg.root_dir()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        log::info!("sup: dev mode: stopping PostgreSQL");
+        if let Err(e) = self.pg.stop() {
+            log::error!("sup: dev mode: stopping PostgreSQL: {e}");
+        }
+    }
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), DevError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| DevError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// The path of the dev-mode secret.
+pub fn secret_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("secret")
+}
+
+/// Reads `<data_dir>/secret`; `Ok(None)` if there is none yet.
+pub fn read_secret(data_dir: &Path) -> Result<Option<String>, DevError> {
+    let path = secret_path(data_dir);
+    match fs::read_to_string(&path) {
+        Ok(s) if s.trim().is_empty() => Err(DevError::EmptySecret(path)),
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DevError::SecretFile { path, source }),
+    }
+}
+
+/// The secret kept in `<data_dir>/secret`, generated (mode 0600) if absent.
+/// Returns it and whether it was created now.
+pub fn load_or_create_secret(data_dir: &Path) -> Result<(String, bool), DevError> {
+    if let Some(s) = read_secret(data_dir)? {
+        return Ok((s, false));
+    }
+    ensure_dir(data_dir)?;
+    let path = secret_path(data_dir);
+    let secret = tether_shared::auth::Secret::generate_hex();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| DevError::SecretFile {
+            path: path.clone(),
+            source,
+        })?;
+    writeln!(f, "{secret}").map_err(|source| DevError::SecretFile { path, source })?;
+    Ok((secret, true))
+}
+
+/// Applies the schema to `url` in a child process (`tether schema`), so
+/// that this process never runs the client's tokio runtime.
+pub fn apply_schema(url: &str) -> Result<(), DevError> {
+    let exe = std::env::current_exe().map_err(|source| DevError::SchemaSpawn {
+        exe: PathBuf::from("tether"),
+        source,
+    })?;
+    let status = Command::new(&exe)
+        .arg("schema")
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|source| DevError::SchemaSpawn { exe, source })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(DevError::SchemaFailed(status))
+    }
+}
+
+/// `tether schema`: connects to `--database-url`/`DATABASE_URL` and applies
+/// the schema (idempotent). Exit 0 on success, 1 on failure, 2 without URL.
+pub fn schema_main(flags: &Flags) -> ExitCode {
+    let Some(url) = flags.raw("database-url", "DATABASE_URL") else {
+        eprintln!("tether schema: --database-url or DATABASE_URL is required");
+        return ExitCode::from(2);
+    };
+    let mut config: postgres::Config = match url.parse() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether schema: bad database URL: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    let result = config
+        .connect(postgres::NoTls)
+        .and_then(|mut client| client.batch_execute(tether_shared::SCHEMA_SQL));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether schema: applying the schema: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The dev-mode greeting: where things are, a demo token, and examples.
+pub fn banner(
+    listen: Option<SocketAddr>,
+    pg_port: u16,
+    pg_dir: &Path,
+    secret_file: &Path,
+    demo_token: &str,
+) -> String {
+    let base = match listen {
+        Some(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        Some(a) => a.to_string(),
+        None => "127.0.0.1:8080".to_string(),
+    };
+    format!(
+        "\
+tether dev mode
+  PostgreSQL: 127.0.0.1:{pg_port} (data in {pg_dir}, stopped on exit)
+  secret:     {secret_file}
+
+Token for user \"demo\" (24 h; `tether token USER` makes more):
+
+  export TOKEN={demo_token}
+
+Try it:
+
+  curl -s -X POST http://{base}/v1/conversations \\
+       -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\
+       -d '{{\"members\":[\"bob\"],\"title\":\"hello\"}}'
+  curl -s -X POST http://{base}/v1/conversations/1/messages \\
+       -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\
+       -d '{{\"body\":\"hi bob\",\"client_msg_id\":\"m1\"}}'
+  websocat \"ws://{base}/v1/ws?token=$TOKEN\"
+",
+        pg_dir = pg_dir.display(),
+        secret_file = secret_file.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_secret_is_created_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        assert!(read_secret(&data).unwrap().is_none());
+        let (s1, created) = load_or_create_secret(&data).unwrap();
+        assert!(created);
+        assert_eq!(s1.len(), 64);
+        let mode = fs::metadata(secret_path(&data))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (s2, created) = load_or_create_secret(&data).unwrap();
+        assert!(!created);
+        assert_eq!(s1, s2);
+        fs::write(secret_path(&data), "\n").unwrap();
+        assert!(matches!(read_secret(&data), Err(DevError::EmptySecret(_))));
+    }
+
+    #[test]
+    fn the_banner_has_copy_paste_examples() {
+        let b = banner(
+            Some("0.0.0.0:9000".parse().unwrap()),
+            54329,
+            Path::new(".tether/pg"),
+            Path::new(".tether/secret"),
+            "T.O.K",
+        );
+        assert!(b.contains("export TOKEN=T.O.K"));
+        assert!(b.contains("http://127.0.0.1:9000/v1/conversations "));
+        assert!(b.contains("/v1/conversations/1/messages"));
+        assert!(b.contains("websocat \"ws://127.0.0.1:9000/v1/ws?token=$TOKEN\""));
+    }
+}
