@@ -61,7 +61,7 @@ async fn events_cross_workers_in_order_without_gaps() {
     let w1 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let w2 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
-    let c = create(w1.addr(), "u0", &users[1..].to_vec()).await;
+    let c = create(w1.addr(), "u0", &users[1..]).await;
 
     // Clients alternate between the workers; writers too.
     let mut readers = Vec::new();

@@ -172,7 +172,10 @@ pub fn pool(
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(checkout_timeout)
-        .test_on_check_out(false)
+        // A pooled connection may have died with the database (restart,
+        // failover): check it on checkout so the first request after the
+        // database returns does not fail on a dead connection.
+        .test_on_check_out(true)
         .error_handler(Box::new(QuietErrors))
         .build_unchecked(manager))
 }

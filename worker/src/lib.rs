@@ -84,8 +84,12 @@ impl App {
     {
         let pool = self.pool.clone();
         let health = self.health.clone();
+        let metrics = self.metrics.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut conn = pool.get()?;
+            let waited = std::time::Instant::now();
+            let conn = pool.get();
+            metrics.pool_wait.observe_duration(waited.elapsed());
+            let mut conn = conn?;
             f(&mut conn)
         })
         .await

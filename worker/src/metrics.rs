@@ -76,10 +76,12 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
     pub bad_frames: AtomicU64,
+    pub idle_closes: AtomicU64,
     pub commit_latency: Histogram,
     pub commit_batch_size: Histogram,
     pub delivery_latency: Histogram,
     pub backlog_events: Histogram,
+    pub pool_wait: Histogram,
 }
 
 impl Metrics {
@@ -99,10 +101,12 @@ impl Metrics {
             rate_limited: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
+            idle_closes: AtomicU64::new(0),
             commit_latency: Histogram::new(LATENCY_BOUNDS),
             commit_batch_size: Histogram::new(SIZE_BOUNDS),
             delivery_latency: Histogram::new(LATENCY_BOUNDS),
             backlog_events: Histogram::new(SIZE_BOUNDS),
+            pool_wait: Histogram::new(LATENCY_BOUNDS),
         }
     }
 
@@ -110,7 +114,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 14] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 15] = [
             (
                 "tether_connections_open",
                 "Open WebSocket connections.",
@@ -195,6 +199,12 @@ impl Metrics {
                 &self.bad_frames,
                 "counter",
             ),
+            (
+                "tether_idle_closes_total",
+                "Connections closed for silence.",
+                &self.idle_closes,
+                "counter",
+            ),
         ];
         for (name, help, v, kind) in counters {
             let _ = writeln!(
@@ -228,6 +238,11 @@ impl Metrics {
             &mut out,
             "tether_backlog_replay_events",
             "Events replayed to a connection before synced.",
+        );
+        self.pool_wait.render(
+            &mut out,
+            "tether_db_pool_wait_seconds",
+            "Time waiting for a read-pool connection.",
         );
         out
     }

@@ -162,6 +162,30 @@ struct Connection {
     inflight: usize,
     reply_tx: mpsc::Sender<ConnReply>,
     unflushed: usize,
+    /// Set by the dispatcher when this connection's queue overflowed.
+    cut: Arc<AtomicBool>,
+}
+
+/// Runs a socket write, checking every second whether the dispatcher has
+/// cut this connection meanwhile: a client that stops reading blocks our
+/// writes, and must not keep its task (and queue) alive forever.
+async fn guarded<F>(cut: &AtomicBool, fut: F) -> Result<(), WsError>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    tokio::pin!(fut);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), &mut fut).await {
+            Ok(r) => return r,
+            Err(_) if cut.load(Ordering::Acquire) => {
+                return Err(WsError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client too slow",
+                )))
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 impl Connection {
@@ -186,8 +210,14 @@ impl Connection {
             inflight: 0,
             reply_tx,
             unflushed: 0,
+            cut: cut.clone(),
         };
-        let end = conn.serve(stream, rx, reply_rx, &cut).await;
+        let mut end = conn.serve(stream, rx, reply_rx, &cut).await;
+        if cut.load(Ordering::Acquire) && matches!(end, End::ClientClosed) {
+            // Our writes failed because we gave up on a client that did
+            // not read: tell it why, if it ever reads again.
+            end = End::TooSlow;
+        }
         conn.close(end).await;
         app.dispatcher.deregister(id);
         app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -196,13 +226,15 @@ impl Connection {
 
     async fn write(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
         self.unflushed += 1;
-        self.sink.feed(Message::Text(text)).await
+        let cut = self.cut.clone();
+        guarded(&cut, self.sink.feed(Message::Text(text))).await
     }
 
     async fn flush(&mut self) -> Result<(), WsError> {
         if self.unflushed > 0 {
             self.unflushed = 0;
-            self.sink.flush().await?;
+            let cut = self.cut.clone();
+            guarded(&cut, self.sink.flush()).await?;
         }
         Ok(())
     }
@@ -229,7 +261,14 @@ impl Connection {
             code,
             reason: Utf8Bytes::from_static(reason),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // A client cut for being slow gets longer: the close frame waits
+        // behind what it has not read yet.
+        let grace = if code == CloseCode::Again {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(2)
+        };
+        let _ = tokio::time::timeout(grace, async {
             let _ = self.sink.send(Message::Close(Some(frame))).await;
             let _ = self.sink.close().await;
         })
@@ -313,6 +352,7 @@ impl Connection {
                     let silent = last_inbound.elapsed();
                     if silent >= idle {
                         log::info!("user={} conn={}: silent for {}s, closing", self.user, self.id, silent.as_secs());
+                        self.app.metrics.idle_closes.fetch_add(1, Ordering::Relaxed);
                         return End::Idle;
                     }
                     if silent >= idle / 2 && !pinged {
