@@ -1,0 +1,536 @@
+//! `tether-client`: a Rust client for the tether WebSocket gateway, with
+//! the semantics of the JavaScript SDK (`clients/js`).
+//!
+//! - [`Client::connect`] spawns a background task that owns the socket. It
+//!   reconnects with full-jitter exponential backoff ([`Backoff`]: base
+//!   100 ms, cap 5 s), soon after a `1001` (server draining) or `1013`
+//!   (client too slow; the server replays from the cursor), never in a
+//!   tight loop. The token goes in `?token=`; a [`TokenSource::fetch`]
+//!   closure is called before each (re)connect, and once more after an
+//!   authentication failure (HTTP 401 or close `1008`) before giving up.
+//! - Per conversation it keeps the highest seq seen, drops anything at or
+//!   below it and reports a gap as [`ClientError::Gap`] (never hides it).
+//!   Acks are coalesced (every [`ClientOptions::ack_every`] events or after
+//!   [`ClientOptions::ack_interval`]), at most one in flight per
+//!   conversation.
+//! - [`Client::send`] generates a `client_msg_id` once (128 random bits,
+//!   hex) and retries with it across reconnects until `sent` or a final
+//!   error ([`SendError`]); the outbox is bounded
+//!   ([`SendError::OutboxFull`]).
+//! - Everything else comes out of [`Client::next_event`] as
+//!   [`ClientEvent`]s: events, `synced`, state changes, errors.
+//! - [`Rest`]: the HTTP API (conversations, members, messages, pages).
+//!
+//! Plain `ws://` only (no TLS): put a TLS-terminating proxy in front for
+//! `wss://`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tether_client::{Client, ClientEvent, ClientOptions};
+//! let mut client = Client::connect(ClientOptions::new("ws://127.0.0.1:8080/v1/ws", "TOKEN"));
+//! let sent = client.send(42, "hello").await?;
+//! println!("stored as seq {}", sent.seq);
+//! while let Some(ev) = client.next_event().await {
+//!     if let ClientEvent::Event(e) = ev {
+//!         println!("{}#{} {}: {:?}", e.conversation_id, e.seq, e.sender, e.body);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod backoff;
+mod conn;
+mod outbox;
+pub mod rest;
+pub mod tracker;
+
+pub use backoff::{random_id, Backoff, Rng};
+pub use rest::{Rest, RestError};
+
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Boxed error of a token callback.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where the token for each (re)connect comes from.
+#[derive(Clone)]
+pub enum TokenSource {
+    /// The same token every time.
+    Fixed(String),
+    /// Called before each (re)connect, and once more after an
+    /// authentication failure before giving up.
+    Fetch(Arc<dyn Fn() -> BoxFuture<'static, Result<String, BoxError>> + Send + Sync>),
+}
+
+impl TokenSource {
+    pub fn fixed(token: impl Into<String>) -> TokenSource {
+        TokenSource::Fixed(token.into())
+    }
+
+    /// An async token callback.
+    pub fn fetch<F, Fut>(f: F) -> TokenSource
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, BoxError>> + Send + 'static,
+    {
+        TokenSource::Fetch(Arc::new(move || Box::pin(f())))
+    }
+
+    fn refreshable(&self) -> bool {
+        matches!(self, TokenSource::Fetch(_))
+    }
+
+    async fn get(&self) -> Result<String, BoxError> {
+        match self {
+            TokenSource::Fixed(t) => Ok(t.clone()),
+            TokenSource::Fetch(f) => f().await,
+        }
+    }
+}
+
+impl From<String> for TokenSource {
+    fn from(t: String) -> Self {
+        TokenSource::Fixed(t)
+    }
+}
+
+impl From<&str> for TokenSource {
+    fn from(t: &str) -> Self {
+        TokenSource::Fixed(t.to_string())
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Fixed(_) => f.write_str("TokenSource::Fixed(..)"),
+            TokenSource::Fetch(_) => f.write_str("TokenSource::Fetch(..)"),
+        }
+    }
+}
+
+/// How a [`Client`] behaves. [`ClientOptions::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `ws://host:port/v1/ws`.
+    pub url: String,
+    pub token: TokenSource,
+    pub backoff: Backoff,
+    /// Sends not yet answered; beyond it [`SendError::OutboxFull`].
+    pub outbox_limit: usize,
+    /// Sends written on one connection and not yet answered (the rest wait
+    /// in the outbox); keep it below the server's `--max-inflight`.
+    pub max_inflight_sends: usize,
+    /// Ack after this many events of a conversation...
+    pub ack_every: usize,
+    /// ...or when the oldest unacknowledged one is this old.
+    pub ack_interval: Duration,
+    /// Acknowledge every event once it is handed to the application
+    /// (otherwise only what [`Client::ack`] says).
+    pub auto_ack: bool,
+    /// Capacity of the event channel; a full channel stops reading the
+    /// socket (the server then closes with 1013 and replays later).
+    pub event_capacity: usize,
+    /// TCP connect plus WebSocket handshake.
+    pub connect_timeout: Duration,
+    /// A `{"type":"ping"}` after this much silence of our own.
+    pub ping_interval: Duration,
+    /// Local address to connect from (e.g. 127.0.0.2 to get past one
+    /// address's ephemeral ports).
+    pub bind: Option<IpAddr>,
+    /// Largest send frame accepted locally (bigger: refused at once with
+    /// `payload_too_large` instead of a 1009 from the server).
+    pub max_frame_bytes: usize,
+    /// WebSocket read buffer (small keeps many idle clients cheap).
+    pub read_buffer: usize,
+}
+
+impl ClientOptions {
+    pub fn new(url: impl Into<String>, token: impl Into<TokenSource>) -> ClientOptions {
+        ClientOptions {
+            url: url.into(),
+            token: token.into(),
+            backoff: Backoff::default(),
+            outbox_limit: 1000,
+            max_inflight_sends: 128,
+            ack_every: 32,
+            ack_interval: Duration::from_millis(200),
+            auto_ack: true,
+            event_capacity: 4096,
+            connect_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            bind: None,
+            max_frame_bytes: 256 * 1024,
+            read_buffer: 8 * 1024,
+        }
+    }
+}
+
+/// One event of a conversation's log, as the server sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct EventFrame {
+    pub conversation_id: i64,
+    pub seq: i64,
+    /// `message.created`, `member.joined`, `member.left`,
+    /// `conversation.created`.
+    pub event: String,
+    pub sender: String,
+    #[serde(default)]
+    pub created_at: String,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub client_msg_id: Option<String>,
+    /// member.joined / member.left: who.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub members: Option<Vec<String>>,
+}
+
+/// The connection's state, reported on every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    /// Handshake done, `hello` received; the backlog follows.
+    Open,
+    /// Backlog delivered; live from here.
+    Synced,
+    /// Waiting `delay` before attempt `attempt` (1-based).
+    Reconnecting {
+        delay: Duration,
+        attempt: u32,
+    },
+    /// For good: [`Client::close`], or authentication failed twice.
+    Closed,
+}
+
+/// Something the application should know about, none of which stops the
+/// client (except [`ClientError::Unauthorized`], which comes with
+/// [`ConnState::Closed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// Events `expected..got` of a conversation never arrived. `got` was
+    /// delivered after this.
+    Gap {
+        conversation_id: i64,
+        expected: i64,
+        got: i64,
+    },
+    /// An `error` frame that belongs to no send.
+    Server { code: String, message: String },
+    /// A connect attempt failed.
+    Connect(String),
+    /// The connection ended (`code` of the close frame, if any).
+    Disconnected { code: Option<u16>, reason: String },
+    /// The token callback failed.
+    Token(String),
+    /// The server refused the token twice: the client gave up.
+    Unauthorized(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Gap {
+                conversation_id,
+                expected,
+                got,
+            } => write!(
+                f,
+                "gap in conversation {conversation_id}: expected seq {expected}, got {got}"
+            ),
+            ClientError::Server { code, message } => write!(f, "server error {code}: {message}"),
+            ClientError::Connect(e) => write!(f, "connect failed: {e}"),
+            ClientError::Disconnected { code, reason } => {
+                write!(f, "disconnected (close code {code:?}): {reason}")
+            }
+            ClientError::Token(e) => write!(f, "token callback failed: {e}"),
+            ClientError::Unauthorized(e) => write!(f, "unauthorized: {e}"),
+        }
+    }
+}
+
+/// What [`Client::next_event`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The server's `hello` on each connection.
+    Hello {
+        user: String,
+        worker: String,
+    },
+    /// A new event (duplicates are never surfaced).
+    Event(EventFrame),
+    /// The backlog of this connection is delivered.
+    Synced,
+    State(ConnState),
+    Error(ClientError),
+}
+
+/// A send stored by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub conversation_id: i64,
+    pub seq: i64,
+    /// The server had already stored this `client_msg_id` (a retry).
+    pub duplicate: bool,
+    pub client_msg_id: String,
+}
+
+/// Why a send will never be stored by this client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// The outbox holds `limit` unanswered sends already.
+    OutboxFull { limit: usize },
+    /// A final error from the server (`not_found`, `invalid_field`,
+    /// `payload_too_large`, ...): retrying cannot help.
+    Rejected { code: String, message: String },
+    /// The client was closed (or gave up) before the send was answered. It
+    /// may or may not have been stored; a new client can retry it with the
+    /// same id ([`Client::send_with_id`]).
+    Closed,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::OutboxFull { limit } => {
+                write!(f, "outbox full ({limit} sends awaiting an answer)")
+            }
+            SendError::Rejected { code, message } => write!(f, "send rejected: {code}: {message}"),
+            SendError::Closed => write!(f, "client closed before the send was answered"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Counters of one client (cheap to read at any time).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Successful WebSocket handshakes.
+    pub connects: AtomicU64,
+    /// Failed connect attempts.
+    pub connect_failures: AtomicU64,
+    /// Events dropped as duplicates (at or below the highest seq seen).
+    pub duplicates: AtomicU64,
+    /// Gaps reported.
+    pub gaps: AtomicU64,
+    /// Events delivered.
+    pub events: AtomicU64,
+    /// Send frames written (first tries and retries).
+    pub send_writes: AtomicU64,
+    /// Ack frames written.
+    pub acks: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) enum Cmd {
+    Send {
+        id: String,
+        conversation_id: i64,
+        body: String,
+        reply: outbox::Reply,
+    },
+    Ack {
+        conversation_id: i64,
+        seq: i64,
+    },
+    Close,
+}
+
+/// The cloneable sending half of a [`Client`].
+#[derive(Clone)]
+pub struct ClientHandle {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    pending: Arc<AtomicUsize>,
+    outbox_limit: usize,
+    stats: Arc<Stats>,
+}
+
+impl ClientHandle {
+    /// Sends `body` to a conversation with a fresh `client_msg_id`; resolves
+    /// once the server has committed it (or with a final error).
+    pub fn send(
+        &self,
+        conversation_id: i64,
+        body: impl Into<String>,
+    ) -> impl Future<Output = Result<Sent, SendError>> + Send + 'static {
+        self.send_with_id(conversation_id, body, random_id())
+    }
+
+    /// [`ClientHandle::send`] with the caller's `client_msg_id` (to retry a
+    /// send across client instances).
+    pub fn send_with_id(
+        &self,
+        conversation_id: i64,
+        body: impl Into<String>,
+        client_msg_id: impl Into<String>,
+    ) -> impl Future<Output = Result<Sent, SendError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.outbox_limit).then_some(n + 1)
+            })
+            .is_ok();
+        let early = if !admitted {
+            Some(SendError::OutboxFull {
+                limit: self.outbox_limit,
+            })
+        } else {
+            let cmd = Cmd::Send {
+                id: client_msg_id.into(),
+                conversation_id,
+                body: body.into(),
+                reply: tx,
+            };
+            match self.cmd.send(cmd) {
+                Ok(()) => None,
+                Err(_) => {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    Some(SendError::Closed)
+                }
+            }
+        };
+        async move {
+            if let Some(e) = early {
+                return Err(e);
+            }
+            rx.await.unwrap_or(Err(SendError::Closed))
+        }
+    }
+
+    /// Acknowledges a conversation up to `seq` (only needed with
+    /// `auto_ack: false`; clamped to what was delivered).
+    pub fn ack(&self, conversation_id: i64, seq: i64) {
+        let _ = self.cmd.send(Cmd::Ack {
+            conversation_id,
+            seq,
+        });
+    }
+
+    /// Closes the connection (1000) and stops reconnecting; unanswered
+    /// sends fail with [`SendError::Closed`].
+    pub fn close(&self) {
+        let _ = self.cmd.send(Cmd::Close);
+    }
+
+    /// Sends not yet answered.
+    pub fn outbox_len(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+}
+
+/// A connection to tether that survives reconnects. Must be created inside
+/// a tokio runtime. Dropping it (and every [`ClientHandle`]) closes it.
+pub struct Client {
+    handle: ClientHandle,
+    events: mpsc::Receiver<ClientEvent>,
+}
+
+impl Client {
+    /// Starts the background task; the first [`ClientEvent`] is
+    /// `State(Connecting)`.
+    pub fn connect(options: ClientOptions) -> Client {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(options.event_capacity.max(1));
+        let pending = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Stats::default());
+        let handle = ClientHandle {
+            cmd: cmd_tx,
+            pending: pending.clone(),
+            outbox_limit: options.outbox_limit,
+            stats: stats.clone(),
+        };
+        tokio::spawn(conn::Task::new(options, cmd_rx, ev_tx, pending, stats).run());
+        Client {
+            handle,
+            events: ev_rx,
+        }
+    }
+
+    /// The next event; `None` once the client is closed and everything was
+    /// read.
+    pub async fn next_event(&mut self) -> Option<ClientEvent> {
+        self.events.recv().await
+    }
+
+    /// A cloneable handle for sending from other tasks.
+    pub fn handle(&self) -> ClientHandle {
+        self.handle.clone()
+    }
+
+    /// The handle and the raw event receiver.
+    pub fn into_parts(self) -> (ClientHandle, mpsc::Receiver<ClientEvent>) {
+        (self.handle, self.events)
+    }
+
+    /// See [`ClientHandle::send`].
+    pub fn send(
+        &self,
+        conversation_id: i64,
+        body: impl Into<String>,
+    ) -> impl Future<Output = Result<Sent, SendError>> + Send + 'static {
+        self.handle.send(conversation_id, body)
+    }
+
+    /// See [`ClientHandle::send_with_id`].
+    pub fn send_with_id(
+        &self,
+        conversation_id: i64,
+        body: impl Into<String>,
+        client_msg_id: impl Into<String>,
+    ) -> impl Future<Output = Result<Sent, SendError>> + Send + 'static {
+        self.handle
+            .send_with_id(conversation_id, body, client_msg_id)
+    }
+
+    /// See [`ClientHandle::ack`].
+    pub fn ack(&self, conversation_id: i64, seq: i64) {
+        self.handle.ack(conversation_id, seq)
+    }
+
+    /// See [`ClientHandle::close`].
+    pub fn close(&self) {
+        self.handle.close()
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.handle.stats
+    }
+
+    /// Waits for the next [`ClientEvent::Synced`], returning the events
+    /// delivered meanwhile (other client events are dropped). `None` on
+    /// timeout or when the client closed.
+    pub async fn wait_synced(&mut self, timeout: Duration) -> Option<Vec<EventFrame>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ClientEvent::Synced)) => return Some(out),
+                Ok(Some(ClientEvent::Event(e))) => out.push(e),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
