@@ -94,6 +94,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// HMAC-SHA256 of `data` under `key` (the JWT signature primitive; tests
+/// use it to forge tokens with arbitrary headers).
+pub fn hs256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = Secret::new(key.to_vec()).mac();
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
 /// Issues a token for `user` valid for `ttl_secs` seconds.
 pub fn issue(secret: &Secret, user: &str, ttl_secs: u64) -> Result<String, AuthError> {
     if !valid_user_id(user) {

@@ -453,6 +453,12 @@ async fn remove_member(
 /// Validates a message body against the size limit: `Err` is the
 /// (status-worthy) code and message.
 pub fn check_body(app: &App, body: &str) -> Result<(), (&'static str, String)> {
+    if body.contains('\0') {
+        return Err((
+            "invalid_field",
+            "message body must not contain NUL characters".into(),
+        ));
+    }
     if body.len() > app.config.max_body_bytes {
         return Err((
             "payload_too_large",
@@ -481,7 +487,12 @@ async fn send_message(
         _ => return invalid("body must be a string"),
     };
     if let Err((code, msg)) = check_body(&app, &text) {
-        return error_response(StatusCode::PAYLOAD_TOO_LARGE, code, &msg);
+        let status = if code == "payload_too_large" {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        return error_response(status, code, &msg);
     }
     let client_msg_id = match body.get("client_msg_id") {
         Some(Value::String(s)) => {
