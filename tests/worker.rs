@@ -35,7 +35,9 @@ async fn create(w: &WorkerProc, creator: &str, members: &[&str]) -> i64 {
 /// Connects `user` and reads through `synced`; returns the client and the
 /// backlog's events.
 async fn connect(w: &WorkerProc, user: &str) -> (WsClient, Vec<Value>) {
-    let mut c = WsClient::connect(&w.ws_url(), &tok(user)).await.expect("connect");
+    let mut c = WsClient::connect(&w.ws_url(), &tok(user))
+        .await
+        .expect("connect");
     let backlog = c.read_until_synced(T).await;
     (c, backlog)
 }
@@ -59,14 +61,21 @@ async fn live_delivery_over_websocket_and_http() {
 
     let (mut alice, _) = connect(&w, "alice").await;
     let (mut bob, backlog) = connect(&w, "bob").await;
-    assert_eq!(backlog.len(), 1, "bob's backlog is the conversation.created event");
+    assert_eq!(
+        backlog.len(),
+        1,
+        "bob's backlog is the conversation.created event"
+    );
     assert_eq!(backlog[0]["event"], "conversation.created");
     assert_eq!(alice.hello.as_ref().unwrap()["user"], "alice");
 
     alice
         .send_json(&json!({"type":"send","conversation_id":c,"body":"hi bob","client_msg_id":"a1"}))
         .await;
-    let sent = alice.recv_until(T, |v| v["type"] == "sent").await.expect("sent");
+    let sent = alice
+        .recv_until(T, |v| v["type"] == "sent")
+        .await
+        .expect("sent");
     assert_eq!(sent["seq"], 2);
     assert_eq!(sent["client_msg_id"], "a1");
     let got = recv_event(&mut bob, |v| v["seq"] == 2).await;
@@ -103,7 +112,11 @@ async fn live_delivery_over_websocket_and_http() {
     assert_eq!(joined["event"], "member.joined");
     assert_eq!(joined["user"], "carol");
     let (_carol, carol_backlog) = connect(&w, "carol").await;
-    assert_eq!(seqs(&carol_backlog), vec![4], "carol's cursor starts just before her member.joined");
+    assert_eq!(
+        seqs(&carol_backlog),
+        vec![4],
+        "carol's cursor starts just before her member.joined"
+    );
 
     // A connected user added to a conversation receives it live from the join on.
     let c2 = create(&w, "alice", &[]).await;
@@ -117,9 +130,14 @@ async fn live_delivery_over_websocket_and_http() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let j = recv_event(&mut bob, |v| v["conversation_id"] == c2).await;
-    assert_eq!((j["seq"].as_i64(), j["event"].as_str()), (Some(2), Some("member.joined")));
+    assert_eq!(
+        (j["seq"].as_i64(), j["event"].as_str()),
+        (Some(2), Some("member.joined"))
+    );
     alice
-        .send_json(&json!({"type":"send","conversation_id":c2,"body":"welcome","client_msg_id":"w1"}))
+        .send_json(
+            &json!({"type":"send","conversation_id":c2,"body":"welcome","client_msg_id":"w1"}),
+        )
         .await;
     let m = recv_event(&mut bob, |v| v["conversation_id"] == c2 && v["seq"] == 3).await;
     assert_eq!(m["body"], "welcome");
@@ -135,9 +153,14 @@ async fn live_delivery_over_websocket_and_http() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let left = recv_event(&mut bob, |v| v["conversation_id"] == c2).await;
-    assert_eq!((left["seq"].as_i64(), left["event"].as_str()), (Some(4), Some("member.left")));
+    assert_eq!(
+        (left["seq"].as_i64(), left["event"].as_str()),
+        (Some(4), Some("member.left"))
+    );
     alice
-        .send_json(&json!({"type":"send","conversation_id":c2,"body":"secret","client_msg_id":"w2"}))
+        .send_json(
+            &json!({"type":"send","conversation_id":c2,"body":"secret","client_msg_id":"w2"}),
+        )
         .await;
     alice
         .recv_until(T, |v| v["type"] == "sent" && v["client_msg_id"] == "w2")
@@ -145,10 +168,15 @@ async fn live_delivery_over_websocket_and_http() {
         .expect("sent w2");
     // A later message in c (which bob still belongs to) arrives; c2's does not.
     alice
-        .send_json(&json!({"type":"send","conversation_id":c,"body":"still here","client_msg_id":"a3"}))
+        .send_json(
+            &json!({"type":"send","conversation_id":c,"body":"still here","client_msg_id":"a3"}),
+        )
         .await;
     let next = recv_event(&mut bob, |_| true).await;
-    assert_eq!(next["conversation_id"], c, "bob must not receive c2 after leaving: {next}");
+    assert_eq!(
+        next["conversation_id"], c,
+        "bob must not receive c2 after leaving: {next}"
+    );
     assert_eq!(next["body"], "still here");
 }
 
@@ -165,7 +193,10 @@ async fn offline_queue_then_cursor_resume() {
     }
     let mut acked = 0;
     while acked < 100 {
-        let v = alice.recv_until(T, |v| v["type"] == "sent").await.expect("sent");
+        let v = alice
+            .recv_until(T, |v| v["type"] == "sent")
+            .await
+            .expect("sent");
         assert!(v["seq"].as_i64().unwrap() >= 2);
         acked += 1;
     }
@@ -177,8 +208,10 @@ async fn offline_queue_then_cursor_resume() {
         assert_eq!(e["body"], format!("m{i}"), "messages in send order");
     }
     // Ack the 50th message (seq 51) and wait until the cursor is durable.
-    bob.send_json(&json!({"type":"ack","conversation_id":c,"seq":51})).await;
-    let sql = format!("SELECT cursor_seq FROM members WHERE conversation_id = {c} AND user_id = 'bob'");
+    bob.send_json(&json!({"type":"ack","conversation_id":c,"seq":51}))
+        .await;
+    let sql =
+        format!("SELECT cursor_seq FROM members WHERE conversation_id = {c} AND user_id = 'bob'");
     assert!(
         wait_until_async(T, Duration::from_millis(20), || {
             let db = db.clone();
@@ -189,20 +222,37 @@ async fn offline_queue_then_cursor_resume() {
         "cursor never reached 51"
     );
     // Cursors never move backwards.
-    bob.send_json(&json!({"type":"ack","conversation_id":c,"seq":10})).await;
+    bob.send_json(&json!({"type":"ack","conversation_id":c,"seq":10}))
+        .await;
     bob.send_json(&json!({"type":"ping"})).await;
-    bob.recv_until(T, |v| v["type"] == "pong").await.expect("pong");
+    bob.recv_until(T, |v| v["type"] == "pong")
+        .await
+        .expect("pong");
     drop(bob);
 
     let (_bob, backlog) = connect(&w, "bob").await;
-    assert_eq!(seqs(&backlog), (52..=101).collect::<Vec<_>>(), "exactly the 51st..100th messages");
+    assert_eq!(
+        seqs(&backlog),
+        (52..=101).collect::<Vec<_>>(),
+        "exactly the 51st..100th messages"
+    );
     assert_eq!(db.query_i64_async(&sql).await, 51);
 
     // The conversation list shows last seq and unread count.
-    let r = http(w.addr(), "GET", "/v1/conversations", Some(&tok("bob")), None).await;
+    let r = http(
+        w.addr(),
+        "GET",
+        "/v1/conversations",
+        Some(&tok("bob")),
+        None,
+    )
+    .await;
     assert_eq!(r.status, 200);
     let conv = &r.json()["conversations"][0];
-    assert_eq!((conv["last_seq"].as_i64(), conv["unread"].as_i64()), (Some(101), Some(50)));
+    assert_eq!(
+        (conv["last_seq"].as_i64(), conv["unread"].as_i64()),
+        (Some(101), Some(50))
+    );
 }
 
 /// A tiny deterministic PRNG (xorshift), so the "random" reconnects are
@@ -240,7 +290,9 @@ async fn concurrent_writers_and_reconnecting_readers_see_every_seq_once() {
             let mut last = 0i64; // highest seq seen
             let mut reconnects = 0;
             while last < last_seq {
-                let mut ws = WsClient::connect(&ws_url, &token(TEST_SECRET, &user)).await.expect("connect");
+                let mut ws = WsClient::connect(&ws_url, &token(TEST_SECRET, &user))
+                    .await
+                    .expect("connect");
                 let budget = 50 + rng.next(400);
                 let mut seen_here = 0;
                 loop {
@@ -257,7 +309,8 @@ async fn concurrent_writers_and_reconnecting_readers_see_every_seq_once() {
                     }
                     seen_here += 1;
                     if seen_here % 97 == 0 {
-                        ws.send_json(&json!({"type":"ack","conversation_id":c,"seq":last})).await;
+                        ws.send_json(&json!({"type":"ack","conversation_id":c,"seq":last}))
+                            .await;
                     }
                     if last >= last_seq || seen_here >= budget {
                         break;
@@ -309,7 +362,9 @@ async fn concurrent_writers_and_reconnecting_readers_see_every_seq_once() {
         .await;
     assert_eq!(count, total);
     let max = db
-        .query_i64_async(&format!("SELECT max(seq) FROM events WHERE conversation_id = {c}"))
+        .query_i64_async(&format!(
+            "SELECT max(seq) FROM events WHERE conversation_id = {c}"
+        ))
         .await;
     assert_eq!(max, last_seq, "seqs are 1..N with no gap");
 }
@@ -336,10 +391,15 @@ async fn same_client_msg_id_twice_makes_one_event() {
     let a = alice.recv_until(T, |v| v["type"] == "sent").await.unwrap();
     let b = alice.recv_until(T, |v| v["type"] == "sent").await.unwrap();
     assert_eq!(a["seq"], b["seq"]);
-    assert_eq!((a["duplicate"].as_bool(), b["duplicate"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(
+        (a["duplicate"].as_bool(), b["duplicate"].as_bool()),
+        (Some(false), Some(true))
+    );
     // The HTTP key sent again over WebSocket: the first result again.
     alice
-        .send_json(&json!({"type":"send","conversation_id":c,"body":"once","client_msg_id":"dup-1"}))
+        .send_json(
+            &json!({"type":"send","conversation_id":c,"body":"once","client_msg_id":"dup-1"}),
+        )
         .await;
     let again = alice.recv_until(T, |v| v["type"] == "sent").await.unwrap();
     assert_eq!(again["seq"], first.json()["seq"]);
@@ -347,8 +407,10 @@ async fn same_client_msg_id_twice_makes_one_event() {
     let other = http(w.addr(), "POST", &path, Some(&tok("bob")), Some(&body)).await;
     assert_eq!(other.status, 201);
     assert_eq!(
-        db.query_i64_async(&format!("SELECT count(*) FROM events WHERE conversation_id = {c} AND type = 'message.created'"))
-            .await,
+        db.query_i64_async(&format!(
+            "SELECT count(*) FROM events WHERE conversation_id = {c} AND type = 'message.created'"
+        ))
+        .await,
         3
     );
 }
@@ -360,7 +422,11 @@ async fn bad_tokens_get_401_and_non_members_see_nothing() {
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let c = create(&w, "alice", &["bob"]).await;
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    let alg_none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"alice","exp":99999999999}"#));
+    let alg_none = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(r#"{"sub":"alice","exp":99999999999}"#)
+    );
     let bad_sig = token("some-other-secret", "alice");
     let expired = expired_token(TEST_SECRET, "alice", 60);
     let cases: Vec<(&str, Option<String>)> = vec![
@@ -372,7 +438,14 @@ async fn bad_tokens_get_401_and_non_members_see_nothing() {
     ];
     let path = format!("/v1/conversations/{c}/messages");
     for (name, t) in &cases {
-        let r = http(w.addr(), "POST", &path, t.as_deref(), Some(&json!({"body":"x","client_msg_id":"x"}))).await;
+        let r = http(
+            w.addr(),
+            "POST",
+            &path,
+            t.as_deref(),
+            Some(&json!({"body":"x","client_msg_id":"x"})),
+        )
+        .await;
         assert_eq!(r.status, 401, "{name}: {}", r.body);
         assert_eq!(r.json()["error"], "unauthorized");
         let r = http(w.addr(), "GET", "/v1/conversations", t.as_deref(), None).await;
@@ -381,33 +454,84 @@ async fn bad_tokens_get_401_and_non_members_see_nothing() {
             Some(t) => format!("{}?token={t}", w.ws_url()),
             None => w.ws_url(),
         };
-        let e = WsClient::connect_url(&url).await.err().unwrap_or_else(|| panic!("{name}: upgraded"));
+        let e = WsClient::connect_url(&url)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: upgraded"));
         assert_eq!(e.status(), Some(401), "{name}: {e}");
     }
     // The header form works for the upgrade too.
-    assert!(WsClient::connect_with_header(&w.ws_url(), &tok("alice")).await.is_ok());
+    assert!(WsClient::connect_with_header(&w.ws_url(), &tok("alice"))
+        .await
+        .is_ok());
 
     // mallory is authenticated but not a member: 404, nothing written.
     let m = tok("mallory");
-    let r = http(w.addr(), "POST", &path, Some(&m), Some(&json!({"body":"x","client_msg_id":"x"}))).await;
+    let r = http(
+        w.addr(),
+        "POST",
+        &path,
+        Some(&m),
+        Some(&json!({"body":"x","client_msg_id":"x"})),
+    )
+    .await;
     assert_eq!(r.status, 404, "{}", r.body);
-    let r = http(w.addr(), "GET", &format!("/v1/conversations/{c}/events"), Some(&m), None).await;
+    let r = http(
+        w.addr(),
+        "GET",
+        &format!("/v1/conversations/{c}/events"),
+        Some(&m),
+        None,
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = http(w.addr(), "POST", &format!("/v1/conversations/{c}/members"), Some(&m), Some(&json!({"user":"mallory"}))).await;
+    let r = http(
+        w.addr(),
+        "POST",
+        &format!("/v1/conversations/{c}/members"),
+        Some(&m),
+        Some(&json!({"user":"mallory"})),
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = http(w.addr(), "DELETE", &format!("/v1/conversations/{c}/members/bob"), Some(&m), None).await;
+    let r = http(
+        w.addr(),
+        "DELETE",
+        &format!("/v1/conversations/{c}/members/bob"),
+        Some(&m),
+        None,
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = http(w.addr(), "GET", "/v1/conversations/999999/events", Some(&m), None).await;
-    assert_eq!(r.status, 404, "unknown conversations look the same as foreign ones");
+    let r = http(
+        w.addr(),
+        "GET",
+        "/v1/conversations/999999/events",
+        Some(&m),
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.status, 404,
+        "unknown conversations look the same as foreign ones"
+    );
     let (mut ws, backlog) = connect(&w, "mallory").await;
     assert!(backlog.is_empty());
-    ws.send_json(&json!({"type":"send","conversation_id":c,"body":"x","client_msg_id":"m1"})).await;
+    ws.send_json(&json!({"type":"send","conversation_id":c,"body":"x","client_msg_id":"m1"}))
+        .await;
     let e = ws.recv_until(T, |v| v["type"] == "error").await.unwrap();
-    assert_eq!((e["code"].as_str(), e["client_msg_id"].as_str()), (Some("not_found"), Some("m1")));
+    assert_eq!(
+        (e["code"].as_str(), e["client_msg_id"].as_str()),
+        (Some("not_found"), Some("m1"))
+    );
     let r = http(w.addr(), "GET", "/v1/conversations", Some(&m), None).await;
     assert_eq!(r.json()["conversations"], json!([]));
     assert_eq!(db.query_i64_async("SELECT count(*) FROM events").await, 1);
-    assert_eq!(db.query_i64_async("SELECT count(*) FROM members WHERE user_id = 'mallory'").await, 0);
+    assert_eq!(
+        db.query_i64_async("SELECT count(*) FROM members WHERE user_id = 'mallory'")
+            .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,34 +545,67 @@ async fn bad_frames_get_errors_and_change_nothing() {
         (Message::text("{not json"), "bad_frame"),
         (Message::text("[1,2,3]"), "unknown_type"),
         (Message::text(r#"{"type":"explode"}"#), "unknown_type"),
-        (Message::text(r#"{"type":"send","conversation_id":"one","body":"x","client_msg_id":"b1"}"#), "invalid_field"),
-        (Message::text(r#"{"type":"send","conversation_id":1,"body":7,"client_msg_id":"b2"}"#), "invalid_field"),
-        (Message::text(r#"{"type":"send","conversation_id":1,"body":"x"}"#), "invalid_field"),
-        (Message::text(r#"{"type":"ack","conversation_id":1,"seq":99999999999999999999999}"#), "invalid_field"),
-        (Message::text(r#"{"type":"ack","conversation_id":1,"seq":-3}"#), "invalid_field"),
+        (
+            Message::text(
+                r#"{"type":"send","conversation_id":"one","body":"x","client_msg_id":"b1"}"#,
+            ),
+            "invalid_field",
+        ),
+        (
+            Message::text(r#"{"type":"send","conversation_id":1,"body":7,"client_msg_id":"b2"}"#),
+            "invalid_field",
+        ),
+        (
+            Message::text(r#"{"type":"send","conversation_id":1,"body":"x"}"#),
+            "invalid_field",
+        ),
+        (
+            Message::text(r#"{"type":"ack","conversation_id":1,"seq":99999999999999999999999}"#),
+            "invalid_field",
+        ),
+        (
+            Message::text(r#"{"type":"ack","conversation_id":1,"seq":-3}"#),
+            "invalid_field",
+        ),
         (Message::binary(vec![0u8, 159, 146, 150]), "bad_frame"),
     ];
     for (m, code) in bad {
         let shown = format!("{m:?}");
         alice.send_raw(m).await;
-        let e = alice.recv_until(T, |v| v["type"] == "error").await.unwrap_or_else(|| panic!("no error for {shown}"));
+        let e = alice
+            .recv_until(T, |v| v["type"] == "error")
+            .await
+            .unwrap_or_else(|| panic!("no error for {shown}"));
         assert_eq!(e["code"], code, "{shown}: {e}");
     }
     // An ack beyond what was delivered, and one for a foreign conversation.
-    alice.send_json(&json!({"type":"ack","conversation_id":c,"seq":500})).await;
+    alice
+        .send_json(&json!({"type":"ack","conversation_id":c,"seq":500}))
+        .await;
     let e = alice.recv_until(T, |v| v["type"] == "error").await.unwrap();
     assert_eq!(e["code"], "invalid_seq");
-    alice.send_json(&json!({"type":"ack","conversation_id":c + 100,"seq":1})).await;
+    alice
+        .send_json(&json!({"type":"ack","conversation_id":c + 100,"seq":1}))
+        .await;
     let e = alice.recv_until(T, |v| v["type"] == "error").await.unwrap();
     assert_eq!(e["code"], "not_found");
     // The connection still works, and so does everyone else's.
     alice.send_json(&json!({"type":"ping"})).await;
-    alice.recv_until(T, |v| v["type"] == "pong").await.expect("pong");
-    alice.send_json(&json!({"type":"send","conversation_id":c,"body":"ok","client_msg_id":"ok1"})).await;
+    alice
+        .recv_until(T, |v| v["type"] == "pong")
+        .await
+        .expect("pong");
+    alice
+        .send_json(&json!({"type":"send","conversation_id":c,"body":"ok","client_msg_id":"ok1"}))
+        .await;
     let got = recv_event(&mut bob, |v| v["seq"] == 2).await;
     assert_eq!(got["body"], "ok");
     assert_eq!(db.query_i64_async("SELECT count(*) FROM events").await, 2);
-    assert_eq!(db.query_i64_async("SELECT max(cursor_seq) FROM members").await, 0);
+    assert_eq!(
+        db.query_i64_async("SELECT max(cursor_seq) FROM members")
+            .await,
+        0
+    );
 
     // HTTP: malformed JSON, invalid UTF-8, wrong types → 400/422, nothing written.
     let path = format!("/v1/conversations/{c}/messages");
@@ -461,11 +618,24 @@ async fn bad_frames_get_errors_and_change_nothing() {
         (&br#"["body"]"#[..], 400),
     ] {
         let r = http_raw(w.addr(), "POST", &path, Some(&a), body).await;
-        assert_eq!(r.status, status, "{:?}: {}", String::from_utf8_lossy(body), r.body);
+        assert_eq!(
+            r.status,
+            status,
+            "{:?}: {}",
+            String::from_utf8_lossy(body),
+            r.body
+        );
         assert!(r.json()["error"].is_string());
     }
     let big = "x".repeat(64 * 1024 + 1);
-    let r = http(w.addr(), "POST", &path, Some(&a), Some(&json!({"body": big, "client_msg_id":"big"}))).await;
+    let r = http(
+        w.addr(),
+        "POST",
+        &path,
+        Some(&a),
+        Some(&json!({"body": big, "client_msg_id":"big"})),
+    )
+    .await;
     assert_eq!(r.status, 413);
     assert_eq!(db.query_i64_async("SELECT count(*) FROM events").await, 2);
 }
@@ -508,7 +678,10 @@ async fn keyset_pages_stay_consistent_while_events_arrive() {
         assert_eq!(r.status, 200, "{}", r.body);
         let page = r.json();
         let s = seqs(page["events"].as_array().unwrap());
-        assert!(s.windows(2).all(|p| p[0] == p[1] + 1), "newest first, contiguous: {s:?}");
+        assert!(
+            s.windows(2).all(|p| p[0] == p[1] + 1),
+            "newest first, contiguous: {s:?}"
+        );
         seen.extend(s);
         send(extra).await;
         extra += 1;
@@ -517,13 +690,24 @@ async fn keyset_pages_stay_consistent_while_events_arrive() {
             None => break,
         }
     }
-    assert_eq!(seen, (1..=100).rev().collect::<Vec<_>>(), "no drift, no duplicates");
+    assert_eq!(
+        seen,
+        (1..=100).rev().collect::<Vec<_>>(),
+        "no drift, no duplicates"
+    );
 
     // Forward pages from the start see the old events and the new ones, once each.
     let mut forward = Vec::new();
     let mut after = 0;
     loop {
-        let r = http(w.addr(), "GET", &format!("/v1/conversations/{c}/events?after_seq={after}&limit=7"), Some(&a), None).await;
+        let r = http(
+            w.addr(),
+            "GET",
+            &format!("/v1/conversations/{c}/events?after_seq={after}&limit=7"),
+            Some(&a),
+            None,
+        )
+        .await;
         let page = r.json();
         forward.extend(seqs(page["events"].as_array().unwrap()));
         if forward.len() == 50 {
@@ -535,7 +719,11 @@ async fn keyset_pages_stay_consistent_while_events_arrive() {
             None => break,
         }
     }
-    let total = db.query_i64_async(&format!("SELECT max(seq) FROM events WHERE conversation_id = {c}")).await;
+    let total = db
+        .query_i64_async(&format!(
+            "SELECT max(seq) FROM events WHERE conversation_id = {c}"
+        ))
+        .await;
     assert_eq!(forward, (1..=total).collect::<Vec<_>>());
 
     // The pages are served by the primary key index.
@@ -551,6 +739,13 @@ async fn keyset_pages_stay_consistent_while_events_arrive() {
     });
     assert!(plan.contains("events_pkey"), "{plan}");
     // Bad parameters are 400.
-    let r = http(w.addr(), "GET", &format!("/v1/conversations/{c}/events?before_seq=abc"), Some(&a), None).await;
+    let r = http(
+        w.addr(),
+        "GET",
+        &format!("/v1/conversations/{c}/events?before_seq=abc"),
+        Some(&a),
+        None,
+    )
+    .await;
     assert_eq!(r.status, 400);
 }
