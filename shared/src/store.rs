@@ -197,6 +197,8 @@ pub fn apply_schema(client: &mut Client) -> Result<(), StoreError> {
     // unique index). An advisory lock serializes them.
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock(7412093)", &[])?;
+    // "already exists, skipping" notices are expected on every start.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
     tx.batch_execute(crate::SCHEMA_SQL)?;
     tx.commit()?;
     Ok(())

@@ -147,19 +147,21 @@ pub fn main() -> ExitCode {
             Ok(l) => l,
             Err(e) => {
                 log::error!("{}: listening socket unusable: {e}", config.worker_id);
-                return ExitCode::from(1);
+                return 1;
             }
         };
         run(listener, config).await
     });
-    // Blocking database calls may still be winding down; do not wait long.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    code
+    // Exit without unwinding the runtime: everything that matters is
+    // committed and flushed by now, and dropping the remaining tasks (and
+    // with them pooled `postgres` clients, whose drop blocks) on runtime
+    // threads would only risk a panic on the way out.
+    std::process::exit(code.into());
 }
 
 /// Serves on `listener` until drained (SIGTERM/SIGINT, or the supervisor
 /// going away).
-pub async fn run(listener: TcpListener, config: WorkerConfig) -> ExitCode {
+pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     let worker = config.worker_id.clone();
     let settings = DbSettings::new(&config.database_url);
     let pool = match store::pool(
@@ -170,7 +172,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             log::error!("{worker}: {e}");
-            return ExitCode::from(2);
+            return 2;
         }
     };
     let metrics = Arc::new(Metrics::new());
@@ -280,5 +282,5 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> ExitCode {
         log::warn!("{worker}: drain time over with {left} connections still open");
     }
     log::info!("{worker}: drained, exiting");
-    ExitCode::SUCCESS
+    0
 }
