@@ -5,14 +5,14 @@
 //! `std::process::Command` does the fork+exec and reports exec failures;
 //! the `command-fds` crate's `fd_mappings` dup2s the two sockets into place
 //! in the child without allocating between fork and exec. Every other fd of
-//! the supervisor is close-on-exec. Each worker gets its own process group,
-//! so a terminal's Ctrl-C reaches only the supervisor, which then drains the
-//! workers in order.
+//! the supervisor is close-on-exec. Workers stay in the supervisor's process
+//! group: a terminal's Ctrl-C (or a test harness's group kill) reaches them
+//! too, and a worker treats SIGINT like SIGTERM (drain), which is what the
+//! supervisor would ask of it anyway.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -95,8 +95,7 @@ impl WorkerTemplate {
             .env(ENV_LISTEN_FD, LISTEN_FD.to_string())
             .env(ENV_CONTROL_FD, CONTROL_FD.to_string())
             .env(ENV_WORKER_ID, id)
-            .stdin(Stdio::null())
-            .process_group(0);
+            .stdin(Stdio::null());
         cmd
     }
 

@@ -1,0 +1,422 @@
+//! The supervisor's lifecycle end to end (docs/LIFECYCLE.md): the real
+//! `tether` with real `tether-worker`s on a throwaway PostgreSQL, real
+//! signals. sd_notify datagrams on a NOTIFY_SOCKET the test binds, a worker
+//! SIGKILLed and replaced at once, the intensity limit, a SIGHUP roll under
+//! load with nothing refused, and SIGTERM closing clients with 1001 within
+//! the drain time.
+
+mod support;
+
+use serde_json::json;
+use std::collections::HashSet;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn tok(user: &str) -> String {
+    token(TEST_SECRET, user)
+}
+
+/// `(worker id, pid)` of every `sup: wN pid=P ready` line in the log, in order.
+fn ready_workers(log: &str) -> Vec<(String, i32)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("sup: w")? + 5..];
+            let (id, rest) = rest.split_once(" pid=")?;
+            let (pid, rest) = rest.split_once(' ')?;
+            if !rest.starts_with("ready") {
+                return None;
+            }
+            Some((id.to_string(), pid.parse().ok()?))
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry: look at its state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with('Z'))
+        }
+    }
+}
+
+/// The children of `pid` and their states (`R`, `S`, `Z`...).
+fn children(pid: i32) -> Vec<(i32, char)> {
+    let list =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .filter_map(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).ok()?;
+            let state = stat.rsplit(')').next()?.trim_start().chars().next()?;
+            Some((c, state))
+        })
+        .collect()
+}
+
+fn health(addr: std::net::SocketAddr) -> serde_json::Value {
+    let r = http_blocking(addr, "GET", "/health", None, None).expect("GET /health");
+    r.json()
+}
+
+/// Datagrams received on `sock` until `pred` matches one (returned with all
+/// that came before it), or `timeout`.
+fn recv_until(
+    sock: &UnixDatagram,
+    seen: &mut Vec<String>,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = pred(&msg);
+            seen.push(msg);
+            if hit {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn sd_notify_ready_reloading_stopping_and_watchdog() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut cluster = ClusterProc::spawn_with(
+        &db.url(),
+        TEST_SECRET,
+        2,
+        &["--drain-ms", "2000"],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    assert!(
+        recv_until(&sock, &mut seen, T, |m| m.lines().any(|l| l == "READY=1")),
+        "no READY=1: {seen:?}"
+    );
+    let ready = seen.last().unwrap().clone();
+    assert!(ready.contains("STATUS=2/2 workers ready"), "{ready:?}");
+    let h = health(cluster.addr());
+    assert_eq!(h["workers"]["configured"], 2, "{h}");
+    assert_eq!(h["workers"]["alive"], 2, "{h}");
+
+    // The watchdog: every WATCHDOG_USEC/2 = 100 ms.
+    let mut wd = Vec::new();
+    assert!(
+        recv_until(&sock, &mut wd, Duration::from_secs(2), |m| m
+            == "WATCHDOG=1\n"),
+        "{wd:?}"
+    );
+
+    // SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 once rolled.
+    assert!(cluster.signal(libc::SIGHUP));
+    let mut reload = Vec::new();
+    assert!(
+        recv_until(&sock, &mut reload, T, |m| m.starts_with("RELOADING=1\n")),
+        "{reload:?}"
+    );
+    let msg = reload.last().unwrap();
+    let usec: u64 = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    assert!(
+        recv_until(&sock, &mut reload, T, |m| m.starts_with("READY=1\n")),
+        "{reload:?}"
+    );
+
+    // SIGTERM: STOPPING=1, then exit 0.
+    assert!(cluster.signal(libc::SIGTERM));
+    let mut stop = Vec::new();
+    assert!(
+        recv_until(&sock, &mut stop, T, |m| m.starts_with("STOPPING=1\n")),
+        "{stop:?}"
+    );
+    let status = cluster.wait_exit(T).expect("tether did not exit");
+    assert_eq!(status.code(), Some(0), "{}", cluster.log_tail(40));
+}
+
+#[test]
+fn a_killed_worker_is_replaced_at_once_and_reaped() {
+    let db = TestDb::new();
+    let cluster = ClusterProc::spawn_with(&db.url(), TEST_SECRET, 2, &[], &[]);
+    let sup = cluster.pid();
+    assert!(wait_until(T, Duration::from_millis(20), || ready_workers(
+        &cluster.log_contents()
+    )
+    .len()
+        >= 2));
+    let (id, pid) = ready_workers(&cluster.log_contents())[0].clone();
+
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let needle = format!("after {id} died)");
+    assert!(cluster.wait_for_log(&needle, T), "{}", cluster.log_tail(40));
+    let log = cluster.log_contents();
+    let line = log.lines().find(|l| l.contains(&needle)).unwrap();
+    let ms: u64 = line
+        .rsplit_once(&format!("ms {needle}"))
+        .and_then(|(head, _)| head.rsplit_once('(').map(|(_, n)| n))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {line:?}"));
+    eprintln!("death of {id} -> replacement ready: {ms} ms");
+    assert!(ms < 1000, "replacement took {ms} ms: {line}");
+
+    assert!(
+        wait_until(T, Duration::from_millis(50), || {
+            let h = health(cluster.addr());
+            h["workers"]["alive"] == 2 && h["workers"]["restarts"] == 1
+        }),
+        "{}",
+        health(cluster.addr())
+    );
+    assert!(!alive(pid));
+    let kids = children(sup);
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    assert!(kids.iter().all(|(_, s)| *s != 'Z'), "zombies: {kids:?}");
+}
+
+#[test]
+fn workers_that_die_at_start_make_the_supervisor_give_up() {
+    let db = TestDb::new();
+    let started = Instant::now();
+    let mut cluster = ClusterProc::spawn_no_wait(
+        &[
+            "--database-url",
+            &db.url(),
+            "--secret",
+            TEST_SECRET,
+            "--workers",
+            "2",
+            "--worker-bin",
+            "/bin/false",
+            "--max-restarts",
+            "4",
+            "--restart-backoff-ms",
+            "20",
+            "--restart-backoff-max-ms",
+            "100",
+        ],
+        &[],
+    );
+    let status = cluster.wait_exit(T).expect("tether did not give up");
+    assert_eq!(status.code(), Some(1), "{}", cluster.log_tail(40));
+    let log = cluster.log_contents();
+    assert!(
+        log.contains("sup: giving up: 5 worker deaths in 60s (limit 4)"),
+        "{log}"
+    );
+    // With backoff: 0, 20, 40, 80, 100 ms at least between the deaths.
+    assert!(log.contains("replacing in 0ms"), "{log}");
+    assert!(log.contains("replacing in 20ms"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// The worker's own fault injection (test builds only).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_worker_fault_at_start_makes_the_supervisor_give_up() {
+    let db = TestDb::new();
+    let mut cluster = ClusterProc::spawn_no_wait(
+        &[
+            "--database-url",
+            &db.url(),
+            "--secret",
+            TEST_SECRET,
+            "--workers",
+            "1",
+            "--max-restarts",
+            "3",
+            "--restart-backoff-max-ms",
+            "100",
+        ],
+        &[("TETHER_FAULT", "die-at-start")],
+    );
+    let status = cluster.wait_exit(T).expect("tether did not give up");
+    assert_eq!(status.code(), Some(1), "{}", cluster.log_tail(40));
+    assert!(
+        cluster
+            .log_contents()
+            .contains("sup: giving up: 4 worker deaths in 60s (limit 3)"),
+        "{}",
+        cluster.log_tail(40)
+    );
+}
+
+#[test]
+fn sighup_replaces_every_worker_while_every_request_succeeds() {
+    let db = TestDb::new();
+    let cluster = ClusterProc::spawn_with(&db.url(), TEST_SECRET, 2, &["--drain-ms", "3000"], &[]);
+    let addr = cluster.addr();
+    assert!(wait_until(T, Duration::from_millis(20), || ready_workers(
+        &cluster.log_contents()
+    )
+    .len()
+        >= 2));
+    let before: HashSet<i32> = ready_workers(&cluster.log_contents())
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+
+    let c = http_blocking(
+        addr,
+        "POST",
+        "/v1/conversations",
+        Some(&tok("alice")),
+        Some(&json!({"members": ["bob"]})),
+    )
+    .unwrap();
+    assert_eq!(c.status, 201, "{}", c.body);
+    let conv = c.json()["id"].as_i64().unwrap();
+
+    // Steady load: 4 senders, each a new connection per message. A refused
+    // connection fails the test. A connection that a draining worker closed
+    // before answering is retried with the same client_msg_id (idempotent),
+    // as a client would.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut acked, mut refused, mut retried) = (0u64, Vec::new(), 0u64);
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let body =
+                        json!({"body": format!("m{s}-{i}"), "client_msg_id": format!("s{s}-{i}")});
+                    let path = format!("/v1/conversations/{conv}/messages");
+                    loop {
+                        match http_blocking(addr, "POST", &path, Some(&tok("alice")), Some(&body)) {
+                            Ok(r) if r.status == 201 || r.status == 200 => {
+                                acked += 1;
+                                break;
+                            }
+                            Ok(r) => {
+                                refused.push(format!("{} {}", r.status, r.body));
+                                break;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                                refused.push(e.to_string());
+                                break;
+                            }
+                            Err(_) => retried += 1,
+                        }
+                    }
+                }
+                (acked, refused, retried)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(cluster.signal(libc::SIGHUP));
+    assert!(
+        cluster.wait_for_log("sup: reload done", T),
+        "{}",
+        cluster.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut retried) = (0, 0);
+    for s in senders {
+        let (a, refused, r) = s.join().unwrap();
+        assert!(
+            refused.is_empty(),
+            "requests refused during the roll: {refused:?}"
+        );
+        acked += a;
+        retried += r;
+    }
+    eprintln!("{acked} messages acknowledged during the roll, {retried} retried after a closed connection");
+    assert!(acked > 20, "only {acked} messages were sent");
+
+    // Every old worker is gone, two new ones serve.
+    let after: HashSet<i32> = ready_workers(&cluster.log_contents())
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(after.len(), 2, "{}", cluster.log_tail(40));
+    assert!(
+        before.iter().all(|&p| !alive(p)),
+        "an old worker survived the roll"
+    );
+    let kids: HashSet<i32> = children(cluster.pid())
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(kids, after);
+    let h = health(addr);
+    assert_eq!(h["workers"]["alive"], 2, "{h}");
+    assert_eq!(h["workers"]["restarts"], 0, "{h}");
+
+    let stored = db.query_i64(&format!(
+        "SELECT count(*) FROM events WHERE conversation_id = {conv} AND type = 'message.created'"
+    ));
+    assert_eq!(stored as u64, acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_closes_clients_with_1001_and_exits_within_the_drain_time() {
+    let db = TestDb::new_async().await;
+    let url = db.url();
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        ClusterProc::spawn_with(&url, TEST_SECRET, 2, &["--drain-ms", "2000"], &[])
+    })
+    .await
+    .unwrap();
+    let mut clients = Vec::new();
+    let mut workers = HashSet::new();
+    for i in 0..20 {
+        let mut ws = WsClient::connect(&cluster.ws_url(), &tok(&format!("u{i}")))
+            .await
+            .expect("connect");
+        ws.read_until_synced(T).await;
+        workers.insert(
+            ws.hello.as_ref().unwrap()["worker"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        clients.push(ws);
+    }
+    // With 20 connections on 2 workers, both almost surely have some.
+    eprintln!("clients on workers {workers:?}");
+
+    let t0 = Instant::now();
+    assert!(cluster.signal(libc::SIGTERM));
+    for ws in &mut clients {
+        assert_eq!(ws.wait_close(T).await, Some(1001));
+    }
+    let status = cluster
+        .wait_exit_async(T)
+        .await
+        .expect("tether did not exit");
+    let took = t0.elapsed();
+    eprintln!("SIGTERM -> exit with 20 clients: {} ms", took.as_millis());
+    assert_eq!(status.code(), Some(0), "{}", cluster.log_tail(40));
+    // Drain 2 s, SIGKILL at drain + 2 s: a clean drain is well within that.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(
+        !cluster.log_contents().contains("after SIGTERM: SIGKILL"),
+        "{}",
+        cluster.log_tail(40)
+    );
+}
