@@ -717,15 +717,6 @@ export class TetherClient {
     if (this._stopped && this._state === 'closed') {
       return Promise.reject(new TetherError('closed', 'the client is closed'));
     }
-    if (this._outbox.size >= this._o.outboxLimit) {
-      return Promise.reject(
-        new TetherError(
-          'outbox_full',
-          `outbox full: ${this._outbox.size} sends are waiting for the server (limit ${this._o.outboxLimit})`,
-          { conversationId: c },
-        ),
-      );
-    }
     const id = options.clientMsgId || uuid();
     if (this._outbox.has(id)) {
       return Promise.reject(new TetherError('invalid_field', `a send with client_msg_id ${id} is already pending`));
@@ -738,6 +729,15 @@ export class TetherClient {
           conversationId: c,
           clientMsgId: id,
         }),
+      );
+    }
+    if (this._outbox.size >= this._o.outboxLimit) {
+      return Promise.reject(
+        new TetherError(
+          'outbox_full',
+          `outbox full: ${this._outbox.size} sends are waiting for the server (limit ${this._o.outboxLimit})`,
+          { conversationId: c },
+        ),
       );
     }
     return new Promise((resolve, reject) => {

@@ -407,8 +407,13 @@ export class Cluster {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return this.exited;
     this.workerPids();
     this.child.kill('SIGTERM');
-    const timer = new Promise((r) => setTimeout(() => r('timeout'), timeout));
-    if ((await Promise.race([this.exited, timer])) === 'timeout') await this.kill();
+    let t;
+    const timer = new Promise((r) => {
+      t = setTimeout(() => r('timeout'), timeout);
+    });
+    const first = await Promise.race([this.exited, timer]);
+    clearTimeout(t);
+    if (first === 'timeout') await this.kill();
     this._reapWorkers();
     return this.exited;
   }
