@@ -802,3 +802,108 @@ async fn metrics_counters_move() {
     }
     assert!(metric(&before, "tether_events_committed_total") == 0.0);
 }
+
+/// Property test of the HTTP layer: random methods, paths, headers and
+/// bodies (bounded to a few hundred cases, so it runs in CI). No request
+/// gets a 500, and the worker keeps serving.
+#[test]
+fn random_http_requests_never_get_a_500_or_crash_the_worker() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let db = TestDb::new();
+    let mut w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let addr = w.addr();
+    let good = tok("alice");
+    let r = http_blocking(
+        addr,
+        "POST",
+        "/v1/conversations",
+        Some(&good),
+        Some(&json!({"members":["bob"]})),
+    )
+    .unwrap();
+    assert_eq!(r.status, 201);
+    let method = prop_oneof![
+        Just("GET"),
+        Just("POST"),
+        Just("DELETE"),
+        Just("PUT"),
+        Just("PATCH"),
+        Just("OPTIONS"),
+        Just("BREW"),
+    ];
+    let segment = prop_oneof![
+        Just("v1".to_string()),
+        Just("conversations".to_string()),
+        Just("1".to_string()),
+        Just("members".to_string()),
+        Just("messages".to_string()),
+        Just("events".to_string()),
+        Just("-1".to_string()),
+        Just("99999999999999999999".to_string()),
+        Just("%00%ff".to_string()),
+        Just("ws".to_string()),
+        "[a-zA-Z0-9%._~-]{0,12}",
+    ];
+    let path = (
+        prop::collection::vec(segment, 0..6),
+        prop::option::of("[a-z_]{1,10}=[a-zA-Z0-9%-]{0,12}"),
+    )
+        .prop_map(|(s, q)| match q {
+            Some(q) => format!("/{}?{q}", s.join("/")),
+            None => format!("/{}", s.join("/")),
+        });
+    let auth = prop_oneof![
+        Just(None),
+        Just(Some(good.clone())),
+        Just(Some("garbage".to_string())),
+        Just(Some(token("wrong-secret", "alice"))),
+    ];
+    let body = prop_oneof![
+        Just(Vec::new()),
+        prop::collection::vec(any::<u8>(), 0..300),
+        Just(br#"{"members":["bob"],"title":"t"}"#.to_vec()),
+        Just(br#"{"body":"hi","client_msg_id":"p"}"#.to_vec()),
+        Just(br#"{"user":"carol"}"#.to_vec()),
+        Just(b"{\"body\":\"\\u0000\"}".to_vec()),
+        "\\PC{0,200}".prop_map(String::into_bytes),
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 2000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&(method, path, auth, body), |(m, p, a, b)| {
+            let mut req = format!(
+                "{m} {p} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+                b.len()
+            );
+            if let Some(a) = a {
+                req.push_str(&format!("Authorization: Bearer {a}\r\n"));
+            }
+            req.push_str("\r\n");
+            let mut bytes = req.into_bytes();
+            bytes.extend_from_slice(&b);
+            let mut s = std::net::TcpStream::connect(addr)
+                .map_err(|e| TestCaseError::fail(format!("connect: {e}")))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(&bytes);
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            let text = String::from_utf8_lossy(&out);
+            if let Some(status) = text.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()) {
+                prop_assert!(status != 500, "500 for {m} {p}: {text}");
+                prop_assert!((100..600).contains(&status));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(w.is_alive(), "the worker died");
+    assert_eq!(
+        http_blocking(addr, "GET", "/ready", None, None)
+            .unwrap()
+            .status,
+        200
+    );
+}
