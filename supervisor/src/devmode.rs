@@ -16,7 +16,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -121,15 +121,28 @@ impl Drop for DevCluster {
     }
 }
 
+/// Creates the data directory (mode 0711: others may pass through it but
+/// not list it; the secret inside is 0600). Run as root, PostgreSQL runs as
+/// the `postgres` user, which must be able to reach `<data-dir>/pg`: a data
+/// directory left at 0700 by an earlier version gets that search bit too.
 fn ensure_dir(dir: &Path) -> Result<(), DevError> {
+    let err = |source| DevError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(0o711)
         .create(dir)
-        .map_err(|source| DevError::DataDir {
-            path: dir.to_path_buf(),
-            source,
-        })
+        .map_err(err)?;
+    if nix::unistd::geteuid().is_root() {
+        let mut perms = fs::metadata(dir).map_err(err)?.permissions();
+        if perms.mode() & 0o001 == 0 {
+            perms.set_mode(perms.mode() | 0o011);
+            fs::set_permissions(dir, perms).map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 /// The path of the dev-mode secret.
@@ -260,7 +273,6 @@ Try it:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn the_secret_is_created_once_with_mode_0600() {
