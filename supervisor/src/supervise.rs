@@ -328,10 +328,13 @@ impl<'l> Supervisor<'l> {
             log::info!("sup: systemd watchdog on: ping every {}ms", ms(every));
         }
         self.handle_signals(now);
-        if !matches!(self.phase, Phase::Stopping { .. }) {
-            for _ in 0..self.cfg.workers {
-                self.start_replacement(now, None, false);
+        for _ in 0..self.cfg.workers {
+            // A stop signal that came early, or giving up because the
+            // spawns themselves fail: start nothing (more).
+            if matches!(self.phase, Phase::Stopping { .. }) {
+                break;
             }
+            self.start_replacement(now, None, false);
         }
         loop {
             let now = Instant::now();
