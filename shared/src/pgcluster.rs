@@ -623,6 +623,10 @@ fn command(program: &Path, cwd: &Path, run_as: Option<RunAs>) -> Command {
     if let Some(r) = run_as {
         cmd.uid(r.uid.as_raw()).gid(r.gid.as_raw());
     }
+    // Its own process group: a terminal's Ctrl-C goes to the foreground
+    // group (tether and its workers), and must not stop the database while
+    // the workers are still draining onto it. The owner stops it last.
+    cmd.process_group(0);
     cmd
 }
 

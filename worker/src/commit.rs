@@ -11,6 +11,7 @@
 
 use crate::fanout::{Dispatcher, Frame};
 use crate::metrics::Metrics;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,6 +44,8 @@ pub struct SendRequest {
 #[derive(Clone)]
 pub struct Committer {
     lanes: Arc<Vec<mpsc::Sender<SendRequest>>>,
+    /// Sends submitted and not yet answered (queued or being committed).
+    pending: Arc<AtomicUsize>,
 }
 
 /// Sends waiting per lane before submitters wait (backpressure).
@@ -62,29 +65,44 @@ impl Committer {
         worker_id: &str,
     ) -> Committer {
         let mut senders = Vec::with_capacity(lanes);
+        let pending = Arc::new(AtomicUsize::new(0));
         for lane in 0..lanes {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             senders.push(tx);
             let settings = settings.clone();
             let dispatcher = dispatcher.clone();
             let metrics = metrics.clone();
+            let pending = pending.clone();
             thread::Builder::new()
                 .name(format!("{worker_id}-commit{lane}"))
-                .spawn(move || lane_loop(lane, rx, settings, max_batch, dispatcher, metrics))
+                .spawn(move || {
+                    lane_loop(lane, rx, settings, max_batch, dispatcher, metrics, pending)
+                })
                 .expect("spawning a commit lane thread");
         }
         Committer {
             lanes: Arc::new(senders),
+            pending,
         }
     }
 
     /// Queues a send. Waits only if the lane's queue is full.
     pub async fn submit(&self, req: SendRequest) -> Result<(), SendRequest> {
         let lane = (req.message.conversation_id.unsigned_abs() as usize) % self.lanes.len();
-        self.lanes[lane].send(req).await.map_err(|e| e.0)
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let r = self.lanes[lane].send(req).await.map_err(|e| e.0);
+        if r.is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
     }
 
-    /// Sends queued or being committed, across lanes (for draining).
+    /// Sends submitted and not yet answered: draining waits for zero.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Sends waiting in lane queues (not yet taken into a batch).
     pub fn queued(&self) -> usize {
         self.lanes
             .iter()
@@ -122,6 +140,7 @@ fn lane_loop(
     max_batch: usize,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
+    pending: Arc<AtomicUsize>,
 ) {
     let mut client: Option<postgres::Client> = None;
     let mut last_connect_failure: Option<(Instant, StoreError)> = None;
@@ -134,6 +153,9 @@ fn lane_loop(
                 Err(_) => break,
             }
         }
+        // Every request of this batch is answered before the next
+        // iteration (committed, failed, or retried alone).
+        let _answered = PendingGuard(&pending, batch.len());
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = None;
             match &last_connect_failure {
@@ -226,6 +248,16 @@ fn lane_loop(
         }
     }
     log::debug!("commit lane {lane}: queue closed, exiting");
+}
+
+/// Counts a batch's requests as answered when the iteration ends, however
+/// it ends (`continue` included).
+struct PendingGuard<'a>(&'a AtomicUsize, usize);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
 }
 
 fn retry_alone(

@@ -28,6 +28,10 @@ use tokio::net::TcpListener;
 
 pub type Body = Full<Bytes>;
 
+/// How long a draining worker still answers requests on connections it
+/// already accepted.
+const DRAIN_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Largest request body read (JSON around a message body of the maximum size).
 fn body_limit(app: &App) -> usize {
     app.config.max_body_bytes * 2 + 4096
@@ -58,7 +62,18 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     log::info!("{}: stopped accepting", app.config.worker_id);
 }
 
+/// Counts an open HTTP connection for as long as it lives.
+struct HttpConnGuard(Arc<App>);
+
+impl Drop for HttpConnGuard {
+    fn drop(&mut self) {
+        self.0.live_http.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
+    app.live_http.fetch_add(1, Ordering::AcqRel);
+    let _guard = HttpConnGuard(app.clone());
     let svc_app = app.clone();
     let svc = service_fn(move |req| {
         let app = svc_app.clone();
@@ -75,6 +90,16 @@ async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = crate::phase::until_draining(&mut phase) => {
+            // A connection accepted just before the drain may not have sent
+            // (or we may not have read) its first request yet; hyper would
+            // count it as idle and close it unanswered. Give requests a
+            // moment to arrive and be answered, then close.
+            let grace = tokio::time::sleep(DRAIN_REQUEST_GRACE);
+            tokio::pin!(grace);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = &mut grace => {}
+            }
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }

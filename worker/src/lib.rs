@@ -66,8 +66,10 @@ pub struct App {
     pub cluster: Arc<ClusterView>,
     pub rate: RateLimiter,
     next_conn: AtomicU64,
-    /// Connection tasks still running (draining waits for zero).
+    /// WebSocket connection tasks still running (draining waits for zero).
     pub live_conns: AtomicU64,
+    /// HTTP connections still open (draining waits for zero).
+    pub live_http: AtomicU64,
 }
 
 impl App {
@@ -207,6 +209,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         rate,
         next_conn: AtomicU64::new(1),
         live_conns: AtomicU64::new(0),
+        live_http: AtomicU64::new(0),
     });
     health::spawn_probe(app.clone());
 
@@ -270,10 +273,12 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         c.draining();
     }
     let deadline = tokio::time::Instant::now() + app.config.drain;
-    while app.live_conns.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    while app.committer.queued() > 0 && tokio::time::Instant::now() < deadline {
+    let busy = |app: &App| {
+        app.live_conns.load(Ordering::Acquire) > 0
+            || app.live_http.load(Ordering::Acquire) > 0
+            || app.committer.pending() > 0
+    };
+    while busy(&app) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     app.cursors.flush_now().await;
