@@ -404,7 +404,10 @@ async fn sigkill_of_a_busy_worker_loses_no_acknowledged_message() {
         acked.len(),
         killed_at.elapsed().as_millis()
     );
-    assert!(reconnected as usize >= load, "only {reconnected} reconnects");
+    assert!(
+        reconnected as usize >= load,
+        "only {reconnected} reconnects"
+    );
     for r in receivers {
         r.abort();
     }
