@@ -65,6 +65,7 @@ Load (defaults: full run / --smoke):
   --shard i/n             run only part i of n (with --child: used by --procs)
   --source-addrs          bind client sockets to 127.0.0.2, .3, ... [on for connections]
   --per-addr N            connections per source address [20000]
+  --wave N                connections: handshakes in flight per load process [500]
 ";
 
 /// Everything from the command line.
@@ -97,6 +98,8 @@ pub struct Opts {
     pub prefix: String,
     pub drain_timeout: Duration,
     pub open_timeout: Duration,
+    /// connections: handshakes in progress at once per load process.
+    pub wave: usize,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -244,6 +247,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         prefix,
         drain_timeout: Duration::from_secs_f64(num("drain-timeout", 30.0)?),
         open_timeout: Duration::from_secs_f64(num("open-timeout", pick(120.0, 30.0))?),
+        wave: num("wave", 500.0)?.max(1.0) as usize,
         scenario,
     })
 }
@@ -272,6 +276,8 @@ fn child_args(o: &Opts, urls: &[String]) -> Vec<String> {
         o.per_addr.to_string(),
         "--open-timeout".into(),
         o.open_timeout.as_secs_f64().to_string(),
+        "--wave".into(),
+        o.wave.to_string(),
     ];
     if o.source_addrs {
         a.push("--source-addrs".into());

@@ -437,6 +437,14 @@ pub async fn connections_shard(
     let started = Instant::now();
     let mut clients = Vec::with_capacity(hi - lo);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let want = hi - lo;
+    let (mut opened, mut failed_attempts) = (0usize, 0u64);
+    let deadline = tokio::time::Instant::now() + o.open_timeout;
+    let take = |opened: &mut usize, failed: &mut u64, r: Option<bool>| match r {
+        Some(true) => *opened += 1,
+        Some(false) => *failed += 1,
+        None => {}
+    };
     for i in lo..hi {
         let mut opts = target.options(i, &target.user("c", i));
         opts.event_capacity = 8;
@@ -464,19 +472,19 @@ pub async fn connections_shard(
             }
         });
         clients.push(handle);
-        // Pace the handshakes a little (the listen backlog is finite).
-        if (i - lo) % 200 == 199 {
-            tokio::task::yield_now().await;
+        // At most `o.wave` handshakes in progress (the listen backlog and
+        // the accept loops are finite; a flood only produces retries).
+        while clients.len() >= opened + o.wave && tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(r) => take(&mut opened, &mut failed_attempts, r),
+                Err(_) => break,
+            }
         }
     }
     drop(tx);
-    let want = hi - lo;
-    let (mut opened, mut failed_attempts) = (0usize, 0u64);
-    let deadline = tokio::time::Instant::now() + o.open_timeout;
     while opened < want {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(true)) => opened += 1,
-            Ok(Some(false)) => failed_attempts += 1,
+            Ok(Some(r)) => take(&mut opened, &mut failed_attempts, Some(r)),
             _ => break,
         }
     }
