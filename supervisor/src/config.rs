@@ -29,7 +29,7 @@ pub const VALUE_OPTIONS: &[&str] = &[
 ];
 
 /// Options without a value.
-pub const SWITCHES: &[&str] = &["help"];
+pub const SWITCHES: &[&str] = &["help", "no-demo"];
 
 /// `tether --help`.
 pub const USAGE: &str = "\
@@ -61,6 +61,7 @@ OPTIONS:
     --restart-backoff-max-ms MS   TETHER_RESTART_BACKOFF_MAX_MS longest restart delay [5000]
     --worker-bin PATH             TETHER_WORKER_BIN             worker executable
                                                                 [tether-worker beside tether]
+    --no-demo                     TETHER_DEMO=off               do not serve the demo page at /demo/
 
 SIGNALS:
     SIGTERM, SIGINT   drain the workers and exit 0 (a second one kills them now)
@@ -96,6 +97,8 @@ pub struct Config {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub worker_bin: PathBuf,
+    /// Serve the demo chat page at `/demo/` (off with `--no-demo`).
+    pub demo: bool,
 }
 
 /// A worker that stays up this long resets the restart backoff.
@@ -179,6 +182,11 @@ impl Config {
                 5_000,
             )?,
             worker_bin,
+            demo: !flags.switch("no-demo")
+                && !matches!(
+                    std::env::var("TETHER_DEMO").as_deref(),
+                    Ok("off" | "0" | "false" | "no")
+                ),
         })
     }
 

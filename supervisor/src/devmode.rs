@@ -239,6 +239,8 @@ pub fn banner(
     pg_dir: &Path,
     secret_file: &Path,
     demo_token: &str,
+    friend_token: &str,
+    demo_page: bool,
 ) -> String {
     let base = match listen {
         Some(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
@@ -264,7 +266,20 @@ Try it:
        -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\
        -d '{{\"body\":\"hi bob\",\"client_msg_id\":\"m1\"}}'
   websocat \"ws://{base}/v1/ws?token=$TOKEN\"
-",
+{page}",
+        page = if demo_page {
+            format!(
+                "
+Chat in a browser: open these in two windows (user \"demo\" and user \"friend\";
+the token is in the fragment, which browsers never send to the server):
+
+  http://{base}/demo/#token={demo_token}
+  http://{base}/demo/#token={friend_token}
+"
+            )
+        } else {
+            String::new()
+        },
         pg_dir = pg_dir.display(),
         secret_file = secret_file.display(),
     )
@@ -302,8 +317,12 @@ mod tests {
             Path::new(".tether/pg"),
             Path::new(".tether/secret"),
             "T.O.K",
+            "F.R.D",
+            true,
         );
         assert!(b.contains("export TOKEN=T.O.K"));
+        assert!(b.contains("http://127.0.0.1:9000/demo/#token=T.O.K"));
+        assert!(b.contains("http://127.0.0.1:9000/demo/#token=F.R.D"));
         assert!(b.contains("http://127.0.0.1:9000/v1/conversations "));
         assert!(b.contains("/v1/conversations/1/messages"));
         assert!(b.contains("websocat \"ws://127.0.0.1:9000/v1/ws?token=$TOKEN\""));

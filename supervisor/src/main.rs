@@ -168,15 +168,20 @@ fn serve(flags: &Flags) -> ExitCode {
     }
 
     if let Some(d) = &dev {
-        match auth::issue(&Secret::new(secret.clone().into_bytes()), "demo", 24 * 3600) {
-            Ok(t) => println!(
+        let key = Secret::new(secret.clone().into_bytes());
+        match auth::issue(&key, "demo", 24 * 3600)
+            .and_then(|t| Ok((t, auth::issue(&key, "friend", 24 * 3600)?)))
+        {
+            Ok((t, friend)) => println!(
                 "{}",
                 devmode::banner(
                     listener.local,
                     d.port(),
                     d.dir(),
                     &devmode::secret_path(&cfg.data_dir),
-                    &t
+                    &t,
+                    &friend,
+                    cfg.demo,
                 )
             ),
             Err(e) => log::warn!("sup: dev mode: demo token: {e}"),
@@ -190,6 +195,9 @@ fn serve(flags: &Flags) -> ExitCode {
         "TETHER_DRAIN_MS".to_string(),
         cfg.drain.as_millis().to_string(),
     );
+    if !cfg.demo {
+        env.insert("TETHER_DEMO".to_string(), "off".to_string());
+    }
     let template = WorkerTemplate {
         bin: cfg.worker_bin.clone(),
         args: Vec::new(),

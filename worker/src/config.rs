@@ -24,6 +24,7 @@ const OPTIONS: &[&str] = &[
     "max-inflight",
     "rate-limit",
     "rate-burst",
+    "demo",
 ];
 
 /// Everything a worker is told at start.
@@ -61,6 +62,8 @@ pub struct WorkerConfig {
     pub rate_limit: f64,
     /// Burst allowance of the rate limit.
     pub rate_burst: f64,
+    /// Serve the demo chat page at `/demo/`.
+    pub demo: bool,
 }
 
 impl WorkerConfig {
@@ -105,6 +108,17 @@ impl WorkerConfig {
                 .max(1),
             rate_limit: f.get("rate-limit", "TETHER_RATE_LIMIT", 0.0)?,
             rate_burst: f.get("rate-burst", "TETHER_RATE_BURST", 100.0)?,
+            demo: match f.raw("demo", "TETHER_DEMO").as_deref() {
+                None | Some("on" | "1" | "true" | "yes") => true,
+                Some("off" | "0" | "false" | "no") => false,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        name: "--demo/TETHER_DEMO".into(),
+                        value: other.into(),
+                        reason: "expected on or off".into(),
+                    })
+                }
+            },
         })
     }
 }

@@ -219,6 +219,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    if app.config.demo && method == Method::GET && (path == "/demo" || path.starts_with("/demo/")) {
+        return crate::demo::serve(&path)
+            .unwrap_or_else(|| error_response(StatusCode::NOT_FOUND, "not_found", "no such file"));
+    }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["health"]) => return health(&app),
         (&Method::GET, ["ready"]) => return ready(&app),

@@ -16,7 +16,8 @@
 //! - [`health`]: the database probe;
 //! - [`control`]: the supervisor's control socket (ready, heartbeat, status);
 //! - [`ratelimit`]: per-user send rate;
-//! - [`socket`]: where the listening socket comes from.
+//! - [`socket`]: where the listening socket comes from;
+//! - [`demo`]: the demo chat page at `/demo/`.
 
 // Handlers return a ready HTTP response as their error value; it is built
 // only on the error path, so its size does not matter.
@@ -26,6 +27,7 @@ pub mod commit;
 pub mod config;
 pub mod control;
 pub mod cursors;
+pub mod demo;
 pub mod fanout;
 pub mod health;
 pub mod http;
