@@ -443,6 +443,33 @@ impl Task {
         Ok(wrote)
     }
 
+    async fn on_event(&mut self, e: EventFrame) {
+        let now = std::time::Instant::now();
+        match self
+            .tracker
+            .observe(e.conversation_id, e.seq, self.opts.auto_ack, now)
+        {
+            Seen::Duplicate => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Seen::Gap { expected } => {
+                self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                self.emit(ClientEvent::Error(ClientError::Gap {
+                    conversation_id: e.conversation_id,
+                    expected,
+                    got: e.seq,
+                }))
+                .await;
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.emit(ClientEvent::Event(e)).await;
+            }
+            Seen::New => {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.emit(ClientEvent::Event(e)).await;
+            }
+        }
+    }
+
     /// Handles one read; `Some` ends the session.
     async fn on_message(
         &mut self,
@@ -468,6 +495,16 @@ impl Task {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(_)) => return None,
         };
+        // Fast path for the bulk of the traffic: an event parses straight
+        // into its struct (no buffering of an internally tagged enum). The
+        // pattern cannot occur inside a JSON string (its quotes would be
+        // escaped).
+        if text.as_str().contains(r#""type":"event""#) {
+            if let Ok(e) = serde_json::from_str::<EventFrame>(text.as_str()) {
+                self.on_event(e).await;
+                return None;
+            }
+        }
         let frame: ServerFrame = match serde_json::from_str(text.as_str()) {
             Ok(f) => f,
             Err(e) => {
@@ -481,32 +518,7 @@ impl Task {
                 self.emit(ClientEvent::Hello { user, worker }).await;
                 self.emit(ClientEvent::State(ConnState::Open)).await;
             }
-            ServerFrame::Event(e) => {
-                let now = std::time::Instant::now();
-                match self
-                    .tracker
-                    .observe(e.conversation_id, e.seq, self.opts.auto_ack, now)
-                {
-                    Seen::Duplicate => {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Seen::Gap { expected } => {
-                        self.stats.gaps.fetch_add(1, Ordering::Relaxed);
-                        self.emit(ClientEvent::Error(ClientError::Gap {
-                            conversation_id: e.conversation_id,
-                            expected,
-                            got: e.seq,
-                        }))
-                        .await;
-                        self.stats.events.fetch_add(1, Ordering::Relaxed);
-                        self.emit(ClientEvent::Event(e)).await;
-                    }
-                    Seen::New => {
-                        self.stats.events.fetch_add(1, Ordering::Relaxed);
-                        self.emit(ClientEvent::Event(e)).await;
-                    }
-                }
-            }
+            ServerFrame::Event(e) => self.on_event(e).await,
             ServerFrame::Synced => {
                 *synced_at = Some(Instant::now());
                 self.emit(ClientEvent::Synced).await;
