@@ -118,10 +118,7 @@ pub fn attach(app: Arc<App>) -> Option<Control> {
                     }
                 }
                 Ok(None) | Err(_) => {
-                    log::warn!(
-                        "{}: supervisor gone (control socket closed)",
-                        reader_app.config.worker_id
-                    );
+                    log::warn!("supervisor gone (control socket closed)");
                     reader_app
                         .phase
                         .start_draining(ShutdownReason::SupervisorGone);

@@ -52,14 +52,14 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    log::warn!("{}: accept failed: {e}", app.config.worker_id);
+                    log::warn!("accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
             _ = phase.changed() => {}
         }
     }
-    log::info!("{}: stopped accepting", app.config.worker_id);
+    log::info!("stopped accepting");
 }
 
 /// Counts an open HTTP connection for as long as it lives.

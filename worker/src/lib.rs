@@ -111,11 +111,26 @@ impl App {
     }
 }
 
+/// One line per event, every line tagged with the worker (`w1`), like the
+/// supervisor's `sup`.
+fn init_logging(worker_id: &str) {
+    use std::io::Write;
+    let tag = worker_id.to_string();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {tag} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+}
+
 /// The `tether-worker` entry point: parse flags, get the socket, run.
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let config = match WorkerConfig::from_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
@@ -123,15 +138,16 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(&config.worker_id);
     #[cfg(feature = "fault-injection")]
     if std::env::var("TETHER_FAULT").as_deref() == Ok("die-at-start") {
-        log::error!("{}: fault injection: dying at start", config.worker_id);
+        log::error!("fault injection: dying at start");
         return ExitCode::from(3);
     }
     let listener = match socket::acquire(&config.listen) {
         Ok(l) => l,
         Err(e) => {
-            log::error!("{}: {e}", config.worker_id);
+            log::error!("{e}");
             return ExitCode::from(1);
         }
     };
@@ -142,7 +158,7 @@ pub fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            log::error!("{}: cannot start the runtime: {e}", config.worker_id);
+            log::error!("cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -150,7 +166,7 @@ pub fn main() -> ExitCode {
         let listener = match listener.into_tokio() {
             Ok(l) => l,
             Err(e) => {
-                log::error!("{}: listening socket unusable: {e}", config.worker_id);
+                log::error!("listening socket unusable: {e}");
                 return 1;
             }
         };
@@ -175,7 +191,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     ) {
         Ok(p) => p,
         Err(e) => {
-            log::error!("{worker}: {e}");
+            log::error!("{e}");
             return 2;
         }
     };
@@ -220,7 +236,6 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     // in the background rather than refuse to start.
     {
         let settings = settings.clone();
-        let worker = worker.clone();
         tokio::task::spawn_blocking(move || {
             for attempt in 0u32.. {
                 match settings
@@ -228,7 +243,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
                     .and_then(|mut c| store::apply_schema(&mut c))
                 {
                     Ok(()) => return,
-                    Err(e) if attempt == 0 => log::warn!("{worker}: schema not applied yet: {e}"),
+                    Err(e) if attempt == 0 => log::warn!("schema not applied yet: {e}"),
                     Err(_) => {}
                 }
                 std::thread::sleep(Duration::from_secs(1));
@@ -260,8 +275,8 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     }
 
     match listener.local_addr() {
-        Ok(addr) => log::info!("{worker}: serving on {addr}"),
-        Err(_) => log::info!("{worker}: serving"),
+        Ok(addr) => log::info!("serving on {addr}"),
+        Err(_) => log::info!("serving"),
     }
     if let Some(c) = &control {
         c.ready();
@@ -286,8 +301,8 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     app.cursors.flush_now().await;
     let left = app.live_conns.load(Ordering::Acquire);
     if left > 0 {
-        log::warn!("{worker}: drain time over with {left} connections still open");
+        log::warn!("drain time over with {left} connections still open");
     }
-    log::info!("{worker}: drained, exiting");
+    log::info!("drained, exiting");
     0
 }
