@@ -436,25 +436,7 @@ pub fn add_member(
         "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq) VALUES ($1, $2, $3, $4)",
         &[&conversation_id, &user, &(seq - 1), &seq],
     )?;
-    let event = append_membership_event(
-        &mut tx,
-        conversation_id,
-        seq,
-        EVENT_MEMBER_JOINED,
-        actor,
-        user,
-    )?;
-    let notice = Notice {
-        events: vec![(conversation_id, seq)],
-        membership: vec![(conversation_id, seq, user.to_string())],
-        everything: false,
-    };
-    notice.send(&mut tx)?;
-    tx.commit()?;
-    Ok(MembershipChange {
-        event: Some(event),
-        notice,
-    })
+    append_membership_event(tx, conversation_id, seq, EVENT_MEMBER_JOINED, actor, user)
 }
 
 /// Removes `user` (the actor themself, or anyone, by any member).
@@ -478,35 +460,20 @@ pub fn remove_member(
         });
     }
     let seq = last + 1;
-    let event = append_membership_event(
-        &mut tx,
-        conversation_id,
-        seq,
-        EVENT_MEMBER_LEFT,
-        actor,
-        user,
-    )?;
-    let notice = Notice {
-        events: vec![(conversation_id, seq)],
-        membership: vec![(conversation_id, seq, user.to_string())],
-        everything: false,
-    };
-    notice.send(&mut tx)?;
-    tx.commit()?;
-    Ok(MembershipChange {
-        event: Some(event),
-        notice,
-    })
+    append_membership_event(tx, conversation_id, seq, EVENT_MEMBER_LEFT, actor, user)
 }
 
+/// Appends a membership event at `seq`, bumps `last_seq`, announces it
+/// (naming the user, so workers not following the conversation learn of
+/// it) and commits.
 fn append_membership_event(
-    tx: &mut Transaction<'_>,
+    mut tx: Transaction<'_>,
     conversation_id: i64,
     seq: i64,
     kind: &str,
     actor: &str,
     user: &str,
-) -> Result<Event, StoreError> {
+) -> Result<MembershipChange, StoreError> {
     let row = tx.query_one(
         &format!(
             "INSERT INTO events (conversation_id, seq, type, sender, subject)
@@ -518,7 +485,17 @@ fn append_membership_event(
         "UPDATE conversations SET last_seq = $2 WHERE id = $1",
         &[&conversation_id, &seq],
     )?;
-    Ok(event_from_row(&row))
+    let notice = Notice {
+        events: vec![(conversation_id, seq)],
+        membership: vec![(conversation_id, seq, user.to_string())],
+        everything: false,
+    };
+    notice.send(&mut tx)?;
+    tx.commit()?;
+    Ok(MembershipChange {
+        event: Some(event_from_row(&row)),
+        notice,
+    })
 }
 
 // ---------------------------------------------------------------------------

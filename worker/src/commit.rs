@@ -144,8 +144,8 @@ fn lane_loop(
 ) {
     let mut client: Option<postgres::Client> = None;
     let mut last_connect_failure: Option<(Instant, StoreError)> = None;
-    let mut batch: Vec<SendRequest> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
+        let mut batch: Vec<SendRequest> = Vec::with_capacity(max_batch);
         batch.push(first);
         while batch.len() < max_batch {
             match rx.try_recv() {
@@ -158,96 +158,121 @@ fn lane_loop(
         let _answered = PendingGuard(&pending, batch.len());
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = None;
-            match &last_connect_failure {
-                Some((at, err)) if at.elapsed() < RECONNECT_BACKOFF => {
-                    fail_all(&mut batch, err.clone(), &metrics);
+            if let Some((at, err)) = &last_connect_failure {
+                if at.elapsed() < RECONNECT_BACKOFF {
+                    fail_all(batch, err.clone(), &metrics);
                     continue;
                 }
-                _ => match settings.connect() {
-                    Ok(c) => {
-                        if last_connect_failure.take().is_some() {
-                            log::info!("commit lane {lane}: database connection restored");
-                        }
-                        client = Some(c);
+            }
+            match settings.connect() {
+                Ok(c) => {
+                    if last_connect_failure.take().is_some() {
+                        log::info!("commit lane {lane}: database connection restored");
                     }
-                    Err(e) => {
-                        if last_connect_failure.is_none() {
-                            log::warn!("commit lane {lane}: cannot connect: {e}");
-                        }
-                        last_connect_failure = Some((Instant::now(), e.clone()));
-                        fail_all(&mut batch, e, &metrics);
-                        continue;
+                    client = Some(c);
+                }
+                Err(e) => {
+                    if last_connect_failure.is_none() {
+                        log::warn!("commit lane {lane}: cannot connect: {e}");
                     }
-                },
+                    last_connect_failure = Some((Instant::now(), e.clone()));
+                    fail_all(batch, e, &metrics);
+                    continue;
+                }
             }
         }
         let Some(c) = client.as_mut() else { continue };
-        let messages: Vec<NewMessage> = batch.iter().map(|r| r.message.clone()).collect();
-        match store::append_messages(c, &messages) {
-            Ok(outcome) => {
-                let committed_at = Instant::now();
-                metrics
-                    .commit_batches
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics.commit_batch_size.observe(messages.len() as f64);
-                metrics.events_committed.fetch_add(
-                    outcome.new_events.len() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                if !outcome.new_events.is_empty() {
-                    let frames = outcome
-                        .new_events
-                        .iter()
-                        .map(|e| Arc::new(Frame::from_event(e, committed_at)))
-                        .collect();
-                    dispatcher.local(frames);
-                }
-                for (req, result) in batch.drain(..).zip(outcome.results) {
-                    metrics
-                        .commit_latency
-                        .observe_duration(req.queued_at.elapsed());
-                    match &result {
-                        Ok(a) if a.duplicate => {
-                            metrics
-                                .sends_duplicate
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            metrics
-                                .sends_failed
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
+        let size = batch.len();
+        match commit_batch(c, batch, &dispatcher, &metrics) {
+            Ok(()) => {}
+            Err((batch, e)) if e.is_unavailable() => {
+                log::warn!("commit lane {lane}: batch of {size} failed: {e}");
+                client = None;
+                fail_all(batch, e, &metrics);
+            }
+            Err((batch, e)) if size > 1 => {
+                // An internal error may have been caused by one bad
+                // message: commit the rest one by one so it fails alone.
+                log::error!("commit lane {lane}: batch of {size} failed: {e}; retrying one by one");
+                for req in batch {
+                    if let Err((one, e)) = commit_batch(c, vec![req], &dispatcher, &metrics) {
+                        log::error!("commit lane {lane}: a send failed alone: {e}");
+                        fail_all(one, e, &metrics);
                     }
-                    let NewMessage {
-                        client_msg_id,
-                        conversation_id,
-                        ..
-                    } = req.message;
-                    reply(req.reply, client_msg_id, conversation_id, result);
                 }
             }
-            Err(e) => {
-                if e.is_unavailable() {
-                    log::warn!("commit lane {lane}: batch of {} failed: {e}", batch.len());
-                    client = None;
-                } else {
-                    log::error!("commit lane {lane}: batch of {} failed: {e}", batch.len());
-                    // An internal error may have been caused by one bad
-                    // message; commit the rest one by one so it fails alone.
-                    if batch.len() > 1 {
-                        let single: Vec<SendRequest> = std::mem::take(&mut batch);
-                        for req in single {
-                            retry_alone(c, req, &dispatcher, &metrics);
-                        }
-                        continue;
-                    }
-                }
-                fail_all(&mut batch, e, &metrics);
+            Err((batch, e)) => {
+                log::error!("commit lane {lane}: a send failed: {e}");
+                fail_all(batch, e, &metrics);
             }
         }
     }
     log::debug!("commit lane {lane}: queue closed, exiting");
+}
+
+/// Commits `batch` in one transaction, then (and only then) hands the new
+/// events to the fan-out and answers every sender. On a database error
+/// nothing was committed and the batch comes back unanswered.
+fn commit_batch(
+    c: &mut postgres::Client,
+    batch: Vec<SendRequest>,
+    dispatcher: &Dispatcher,
+    metrics: &Metrics,
+) -> Result<(), (Vec<SendRequest>, StoreError)> {
+    let messages: Vec<NewMessage> = batch.iter().map(|r| r.message.clone()).collect();
+    let outcome = match store::append_messages(c, &messages) {
+        Ok(o) => o,
+        Err(e) => return Err((batch, e)),
+    };
+    let committed_at = Instant::now();
+    metrics.commit_batches.fetch_add(1, Ordering::Relaxed);
+    metrics.commit_batch_size.observe(messages.len() as f64);
+    metrics
+        .events_committed
+        .fetch_add(outcome.new_events.len() as u64, Ordering::Relaxed);
+    if !outcome.new_events.is_empty() {
+        dispatcher.local(
+            outcome
+                .new_events
+                .iter()
+                .map(|e| Arc::new(Frame::from_event(e, committed_at)))
+                .collect(),
+        );
+    }
+    for (req, result) in batch.into_iter().zip(outcome.results) {
+        metrics
+            .commit_latency
+            .observe_duration(req.queued_at.elapsed());
+        match &result {
+            Ok(a) if a.duplicate => {
+                metrics.sends_duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                metrics.sends_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        answer(req, result);
+    }
+    Ok(())
+}
+
+fn answer(req: SendRequest, result: Result<Appended, StoreError>) {
+    let NewMessage {
+        client_msg_id,
+        conversation_id,
+        ..
+    } = req.message;
+    reply(req.reply, client_msg_id, conversation_id, result);
+}
+
+fn fail_all(batch: Vec<SendRequest>, err: StoreError, metrics: &Metrics) {
+    metrics
+        .sends_failed
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    for req in batch {
+        answer(req, Err(err.clone()));
+    }
 }
 
 /// Counts a batch's requests as answered when the iteration ends, however
@@ -257,61 +282,5 @@ struct PendingGuard<'a>(&'a AtomicUsize, usize);
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(self.1, Ordering::AcqRel);
-    }
-}
-
-fn retry_alone(
-    c: &mut postgres::Client,
-    req: SendRequest,
-    dispatcher: &Dispatcher,
-    metrics: &Metrics,
-) {
-    let result = store::append_messages(c, std::slice::from_ref(&req.message));
-    let result = match result {
-        Ok(mut outcome) => {
-            let committed_at = Instant::now();
-            if !outcome.new_events.is_empty() {
-                metrics
-                    .events_committed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                dispatcher.local(
-                    outcome
-                        .new_events
-                        .iter()
-                        .map(|e| Arc::new(Frame::from_event(e, committed_at)))
-                        .collect(),
-                );
-            }
-            outcome
-                .results
-                .pop()
-                .unwrap_or_else(|| Err(StoreError::Internal("empty batch result".into())))
-        }
-        Err(e) => Err(e),
-    };
-    if result.is_err() {
-        metrics
-            .sends_failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let NewMessage {
-        client_msg_id,
-        conversation_id,
-        ..
-    } = req.message;
-    reply(req.reply, client_msg_id, conversation_id, result);
-}
-
-fn fail_all(batch: &mut Vec<SendRequest>, err: StoreError, metrics: &Metrics) {
-    metrics
-        .sends_failed
-        .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    for req in batch.drain(..) {
-        let NewMessage {
-            client_msg_id,
-            conversation_id,
-            ..
-        } = req.message;
-        reply(req.reply, client_msg_id, conversation_id, Err(err.clone()));
     }
 }
