@@ -7,10 +7,9 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
-import { REPO, waitFor } from './harness.js';
+import { REPO, tmpDir, track, waitFor } from './harness.js';
 
 const TYPES = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.css': 'text/css; charset=utf-8' };
 
@@ -86,7 +85,7 @@ export class Browser {
     const bin = findChromium();
     if (!bin) throw new Error('no chromium');
     const b = new Browser();
-    b.profile = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-js-chromium-'));
+    b.profile = tmpDir('tether-js-chromium-');
     b.child = spawn(
       bin,
       [
@@ -106,6 +105,7 @@ export class Browser {
       ],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
+    track(b.child);
     const endpoint = await new Promise((resolve, reject) => {
       let buf = '';
       const timer = setTimeout(() => reject(new Error(`chromium did not start: ${buf}`)), 30000);
@@ -127,6 +127,13 @@ export class Browser {
     });
     b.nextId = 1;
     b.calls = new Map();
+    const failAll = (why) => {
+      for (const { reject } of b.calls.values()) reject(new Error(`DevTools connection lost: ${why}`));
+      b.calls.clear();
+      b.dead = why;
+    };
+    b.ws.on('close', () => failAll('socket closed'));
+    b.child.on('exit', (code, sig) => failAll(`chromium exited (${code ?? sig})`));
     b.ws.on('message', (data) => {
       const msg = JSON.parse(data.toString());
       if (msg.id && b.calls.has(msg.id)) {
@@ -143,8 +150,22 @@ export class Browser {
     const id = this.nextId++;
     const msg = { id, method, params };
     if (sessionId) msg.sessionId = sessionId;
+    if (this.dead) return Promise.reject(new Error(`DevTools connection lost: ${this.dead}`));
     return new Promise((resolve, reject) => {
-      this.calls.set(id, { resolve, reject });
+      const timer = setTimeout(() => {
+        this.calls.delete(id);
+        reject(new Error(`DevTools ${method}: no answer in 30 s`));
+      }, 30000);
+      this.calls.set(id, {
+        resolve: (v) => {
+          clearTimeout(timer);
+          resolve(v);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
       this.ws.send(JSON.stringify(msg));
     });
   }
@@ -166,11 +187,10 @@ export class Browser {
     } catch {
       // ignore
     }
-    if (this.child.exitCode === null) {
+    if (this.child.exitCode === null && this.child.signalCode === null) {
       this.child.kill('SIGKILL');
       await new Promise((r) => this.child.once('exit', r));
     }
-    fs.rmSync(this.profile, { recursive: true, force: true });
   }
 }
 

@@ -63,7 +63,14 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
   });
 }
 
-function tmpDir(prefix) {
+/** Kills `child` (and its children) when the test process ends, whatever happens. */
+export function track(child) {
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  return child;
+}
+
+export function tmpDir(prefix) {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
   tmpDirs.add(d);
   return d;

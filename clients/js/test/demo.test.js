@@ -37,7 +37,7 @@ const sendThroughUi = (text) => `(() => {
 
 const messagesOf = `[...document.querySelectorAll('#messages li[data-seq]')].map((li) => [Number(li.dataset.seq), li.querySelector('.body').textContent])`;
 
-test('the demo page: two users chat, a worker dies, nothing is lost or repeated', { skip: !findChromium() && 'no chromium installed' }, async () => {
+test('the demo page: two users chat, a worker dies, nothing is lost or repeated', { skip: !findChromium() && 'no chromium installed', timeout: 180000 }, async () => {
   pg = await Pg.start();
   cluster = await Cluster.start({ pg, workers: 2 });
   server = await demoServer(() => cluster.port);

@@ -44,7 +44,7 @@ function makeClient(url, user) {
   return c;
 }
 
-test('1001 on SIGTERM: the client reconnects soon, to a replacement cluster on the same port', async () => {
+test('1001 on SIGTERM: the client reconnects soon, to a replacement cluster on the same port', { timeout: 120000 }, async () => {
   pg = await Pg.start();
   const first = await Cluster.start({ pg, workers: 2 });
   clusters.push(first);

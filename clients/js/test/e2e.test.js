@@ -62,7 +62,7 @@ function makeClient(user, opts = {}) {
   return c;
 }
 
-test('two clients exchange messages', async () => {
+test('two clients exchange messages', { timeout: 120000 }, async () => {
   const alice = makeClient('alice');
   const bob = makeClient('bob');
   alice.connect();
@@ -118,7 +118,7 @@ test('two clients exchange messages', async () => {
   assert.deepEqual(bob.rec.errors, []);
 });
 
-test('a worker SIGKILLed while 200 messages are sent: every send resolves, 200 events, each received once in order', async (t) => {
+test('a worker SIGKILLed while 200 messages are sent: every send resolves, 200 events, each received once in order', { timeout: 120000 }, async (t) => {
   const sender = makeClient('sam');
   const receiver = makeClient('rita');
   sender.connect();
@@ -193,7 +193,7 @@ test('a worker SIGKILLed while 200 messages are sent: every send resolves, 200 e
   t.diagnostic(`kills: ${JSON.stringify(kills)}; sends answered as duplicates: ${dups}`);
 });
 
-test('an expired token is replaced through getToken() on reconnect', async () => {
+test('an expired token is replaced through getToken() on reconnect', { timeout: 120000 }, async () => {
   let exp = 0;
   const carol = makeClient('carol', {
     token: () => {
@@ -223,7 +223,7 @@ test('an expired token is replaced through getToken() on reconnect', async () =>
   await cluster.waitHealthy(30000);
 });
 
-test('an expired token from getToken() is asked for once more; a good one then connects', async () => {
+test('an expired token from getToken() is asked for once more; a good one then connects', { timeout: 120000 }, async () => {
   const dan = makeClient('dan', {
     // The first call hands out an expired token, as a stale cache would.
     token: (n) => (n === 1 ? mintToken('dan', { exp: Math.floor(Date.now() / 1000) - 10 }) : mintToken('dan')),

@@ -91,7 +91,7 @@ async function connected(c, user = 'alice') {
   return latest();
 }
 
-test('helpers: uuid, tokenUser, URLs', () => {
+test('helpers: uuid, tokenUser, URLs', { timeout: 30000 }, () => {
   assert.match(uuid(), /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
   assert.equal(tokenUser(mintToken('bob@x.org')), 'bob@x.org');
   assert.equal(tokenUser('garbage'), null);
@@ -103,7 +103,7 @@ test('helpers: uuid, tokenUser, URLs', () => {
   assert.throws(() => new TetherClient({ url: 'http://x', WebSocket: FakeWS }), /token/);
 });
 
-test('the token goes in ?token= and events are delivered once, in order; a gap is an error', async () => {
+test('the token goes in ?token= and events are delivered once, in order; a gap is an error', { timeout: 30000 }, async () => {
   fresh();
   const c = client();
   const seen = [];
@@ -130,7 +130,7 @@ test('the token goes in ?token= and events are delivered once, in order; a gap i
   c.close();
 });
 
-test('leaving and re-joining a conversation is not a gap', async () => {
+test('leaving and re-joining a conversation is not a gap', { timeout: 30000 }, async () => {
   fresh();
   const c = client();
   const errors = [];
@@ -144,7 +144,7 @@ test('leaving and re-joining a conversation is not a gap', async () => {
   c.close();
 });
 
-test('acks are coalesced: every N events or after a delay, one in flight per conversation', async () => {
+test('acks are coalesced: every N events or after a delay, one in flight per conversation', { timeout: 30000 }, async () => {
   fresh();
   const c = client({ ackEvery: 5, ackDelayMs: 40 });
   const ws = await connected(c);
@@ -169,7 +169,7 @@ test('acks are coalesced: every N events or after a delay, one in flight per con
   c.close();
 });
 
-test('a replay below what was seen re-acks the highest seq on the new connection', async () => {
+test('a replay below what was seen re-acks the highest seq on the new connection', { timeout: 30000 }, async () => {
   fresh();
   const c = client({ ackDelayMs: 10 });
   let ws = await connected(c);
@@ -186,7 +186,7 @@ test('a replay below what was seen re-acks the highest seq on the new connection
   c.close();
 });
 
-test('backoff: full jitter, bounded by the cap, soon after 1001 and 1013, never zero-spaced loops', async () => {
+test('backoff: full jitter, bounded by the cap, soon after 1001 and 1013, never zero-spaced loops', { timeout: 30000 }, async () => {
   fresh();
   const delays = [];
   const c = client({ random: () => 1, backoffBaseMs: 10, backoffCapMs: 80, soonMs: 25 });
@@ -228,7 +228,7 @@ test('backoff: full jitter, bounded by the cap, soon after 1001 and 1013, never 
   c2.close();
 });
 
-test('1008: getToken() is asked once more, then the client gives up', async () => {
+test('1008: getToken() is asked once more, then the client gives up', { timeout: 30000 }, async () => {
   fresh();
   let calls = 0;
   const c = client({ token: undefined, getToken: async () => mintToken('alice', { ttl: 60 + ++calls }) });
@@ -263,7 +263,7 @@ test('1008: getToken() is asked once more, then the client gives up', async () =
   assert.equal(FakeWS.all.length, 1);
 });
 
-test('a refused handshake in a browser (no status) is classified by a probe', async () => {
+test('a refused handshake in a browser (no status) is classified by a probe', { timeout: 30000 }, async () => {
   fresh();
   let probes = 0;
   const c = client({
@@ -283,7 +283,7 @@ test('a refused handshake in a browser (no status) is classified by a probe', as
   assert.equal(probes, 1);
 });
 
-test('send: queued until synced, retried with the same client_msg_id after a reconnect', async () => {
+test('send: queued until synced, retried with the same client_msg_id after a reconnect', { timeout: 30000 }, async () => {
   fresh();
   const c = client();
   const p = c.send(4, 'hello');
@@ -305,7 +305,7 @@ test('send: queued until synced, retried with the same client_msg_id after a rec
   c.close();
 });
 
-test('send: final errors reject, retryable ones honour retry_after', async () => {
+test('send: final errors reject, retryable ones honour retry_after', { timeout: 30000 }, async () => {
   fresh();
   const c = client();
   const ws = await connected(c);
@@ -327,7 +327,7 @@ test('send: final errors reject, retryable ones honour retry_after', async () =>
   c.close();
 });
 
-test('send: a bounded outbox with a clear error, and close() rejects what is left', async () => {
+test('send: a bounded outbox with a clear error, and close() rejects what is left', { timeout: 30000 }, async () => {
   fresh();
   const c = client({ outboxLimit: 3 });
   const ps = [c.send(1, 'a'), c.send(1, 'b'), c.send(1, 'c')];
@@ -340,7 +340,7 @@ test('send: a bounded outbox with a clear error, and close() rejects what is lef
   await assert.rejects(c.send(1, 'late'), (e) => e.code === 'closed');
 });
 
-test('a silent connection is abandoned by the heartbeat', async () => {
+test('a silent connection is abandoned by the heartbeat', { timeout: 30000 }, async () => {
   fresh();
   const c = client({ heartbeatMs: 60, heartbeatTimeoutMs: 60 });
   const states = [];
