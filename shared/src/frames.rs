@@ -50,11 +50,13 @@ pub struct Event {
 impl Event {
     /// The event as a WebSocket frame: `{"type":"event",...fields...}`.
     pub fn to_frame(&self) -> String {
-        let mut v = serde_json::to_value(self).expect("events serialize");
-        if let serde_json::Value::Object(map) = &mut v {
-            map.insert("type".into(), "event".into());
-        }
-        v.to_string()
+        // The event's own JSON with `"type":"event",` spliced in after the
+        // opening brace: one serialization, no intermediate Value.
+        let json = self.to_json();
+        let mut frame = String::with_capacity(json.len() + 16);
+        frame.push_str("{\"type\":\"event\",");
+        frame.push_str(&json[1..]);
+        frame
     }
 
     /// The event as HTTP JSON.
@@ -79,6 +81,41 @@ pub enum ClientFrame {
     Ping,
 }
 
+/// Every field a client frame may have, flat, borrowed where the JSON
+/// string has no escapes: a non-buffering parse for the fast path (serde's
+/// internally tagged enums buffer the whole object first).
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    conversation_id: Option<i64>,
+    seq: Option<i64>,
+    #[serde(borrow)]
+    body: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    client_msg_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl RawFrame<'_> {
+    /// The frame, if the type is known and its fields are present (extra
+    /// fields are ignored, as in the slow path).
+    fn into_frame(self) -> Option<ClientFrame> {
+        match &*self.kind {
+            "send" => Some(ClientFrame::Send {
+                conversation_id: self.conversation_id?,
+                body: self.body?.into_owned(),
+                client_msg_id: self.client_msg_id?.into_owned(),
+            }),
+            "ack" => Some(ClientFrame::Ack {
+                conversation_id: self.conversation_id?,
+                seq: self.seq?,
+            }),
+            "ping" => Some(ClientFrame::Ping),
+            _ => None,
+        }
+    }
+}
+
 /// Why a client frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {
@@ -93,6 +130,48 @@ pub struct FrameError {
 impl ClientFrame {
     /// Parses and validates one text frame.
     pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+        // Fast path: a well-formed frame deserializes straight into its
+        // type. Only a refused frame pays for a second, generic parse that
+        // finds out what to say about it.
+        if let Ok(raw) = serde_json::from_str::<RawFrame<'_>>(text) {
+            if let Some(frame) = raw.into_frame() {
+                if frame.validate().is_ok() {
+                    return Ok(frame);
+                }
+            }
+        }
+        Self::parse_slow(text)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            ClientFrame::Send {
+                conversation_id,
+                client_msg_id,
+                ..
+            } => {
+                if *conversation_id <= 0 {
+                    return Err("conversation_id must be positive".into());
+                }
+                validate_client_msg_id(client_msg_id).map_err(str::to_owned)
+            }
+            ClientFrame::Ack {
+                conversation_id,
+                seq,
+            } => {
+                if *conversation_id <= 0 {
+                    return Err("conversation_id must be positive".into());
+                }
+                if *seq < 0 {
+                    return Err("seq must not be negative".into());
+                }
+                Ok(())
+            }
+            ClientFrame::Ping => Ok(()),
+        }
+    }
+
+    fn parse_slow(text: &str) -> Result<ClientFrame, FrameError> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
             code: "bad_frame",
             message: format!("malformed JSON: {e}"),
@@ -116,35 +195,11 @@ impl ClientFrame {
             message: e.to_string(),
             client_msg_id: client_msg_id.clone(),
         })?;
-        let invalid = |message: String| FrameError {
+        frame.validate().map_err(|message| FrameError {
             code: "invalid_field",
             message,
             client_msg_id: client_msg_id.clone(),
-        };
-        match &frame {
-            ClientFrame::Send {
-                conversation_id,
-                client_msg_id: id,
-                ..
-            } => {
-                if *conversation_id <= 0 {
-                    return Err(invalid("conversation_id must be positive".into()));
-                }
-                validate_client_msg_id(id).map_err(|m| invalid(m.into()))?;
-            }
-            ClientFrame::Ack {
-                conversation_id,
-                seq,
-            } => {
-                if *conversation_id <= 0 {
-                    return Err(invalid("conversation_id must be positive".into()));
-                }
-                if *seq < 0 {
-                    return Err(invalid("seq must not be negative".into()));
-                }
-            }
-            ClientFrame::Ping => {}
-        }
+        })?;
         Ok(frame)
     }
 }
@@ -177,14 +232,12 @@ pub mod server {
     }
 
     pub fn sent(client_msg_id: &str, conversation_id: i64, seq: i64, duplicate: bool) -> String {
-        json!({
-            "type": "sent",
-            "client_msg_id": client_msg_id,
-            "conversation_id": conversation_id,
-            "seq": seq,
-            "duplicate": duplicate,
-        })
-        .to_string()
+        // The hot reply of the write path: formatted directly, with the one
+        // free-form field escaped by serde_json.
+        let id = serde_json::to_string(client_msg_id).expect("strings serialize");
+        format!(
+            r#"{{"type":"sent","client_msg_id":{id},"conversation_id":{conversation_id},"seq":{seq},"duplicate":{duplicate}}}"#
+        )
     }
 
     /// An `error` frame; `retry_after` (seconds) only where retrying helps.

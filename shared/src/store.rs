@@ -205,9 +205,13 @@ pub fn apply_schema(client: &mut Client) -> Result<(), StoreError> {
 }
 
 fn event_from_row(row: &Row) -> Event {
-    // Column order of EVENT_COLUMNS.
-    let kind: String = row.get(2);
-    let payload: Option<String> = row.get(8);
+    event_from_row_at(row, 0)
+}
+
+/// An event from [`EVENT_COLUMNS`] starting at column `at`.
+fn event_from_row_at(row: &Row, at: usize) -> Event {
+    let kind: String = row.get(at + 2);
+    let payload: Option<String> = row.get(at + 8);
     let (title, members) = match (kind.as_str(), payload) {
         (EVENT_CONVERSATION_CREATED, Some(p)) => {
             let v: serde_json::Value = serde_json::from_str(&p).unwrap_or_default();
@@ -222,18 +226,23 @@ fn event_from_row(row: &Row) -> Event {
         _ => (None, None),
     };
     Event {
-        conversation_id: row.get(0),
-        seq: row.get(1),
+        conversation_id: row.get(at),
+        seq: row.get(at + 1),
         kind,
-        sender: row.get(3),
-        created_at: row.get(4),
-        body: row.get(5),
-        client_msg_id: row.get(6),
-        user: row.get(7),
+        sender: row.get(at + 3),
+        created_at: row.get(at + 4),
+        body: row.get(at + 5),
+        client_msg_id: row.get(at + 6),
+        user: row.get(at + 7),
         title,
         members,
     }
 }
+
+/// [`EVENT_COLUMNS`] of an `events e` alias (all NULL when it did not join).
+const EVENT_COLUMNS_E: &str = r#"e.conversation_id, e.seq, e.type, e.sender,
+    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    e.body, e.client_msg_id, e.subject, e.payload::text"#;
 
 const EVENT_COLUMNS: &str = r#"conversation_id, seq, type, sender,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
@@ -250,11 +259,20 @@ const EVENT_COLUMNS: &str = r#"conversation_id, seq, type, sender,
 /// joined or left at that seq, so a worker that does not follow the
 /// conversation yet learns that one of its users is now in it). `*` alone
 /// means "too much to list: catch up everything you follow".
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// When they fit, the committed events themselves ride along on one line,
+/// `x <JSON array>`, so other workers deliver them without reading the log.
+/// That saves a read per batch per worker; it changes nothing about
+/// correctness: the content is what was committed, and anything a worker
+/// misses (a lost notification, a batch too big to carry) it still reads
+/// from the log.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Notice {
     pub events: Vec<(i64, i64)>,
     pub membership: Vec<(i64, i64, String)>,
     pub everything: bool,
+    /// The committed events, when they fit in the payload.
+    pub content: Vec<Event>,
 }
 
 impl Notice {
@@ -278,6 +296,15 @@ impl Notice {
         }
         for (c, s, u) in &self.membership {
             push(format!("m {c} {s} {u}"), &mut cur);
+        }
+        if out.is_empty() && !self.content.is_empty() {
+            if let Ok(json) = serde_json::to_string(&self.content) {
+                if cur.len() + json.len() + 3 <= MAX_NOTIFY_PAYLOAD {
+                    cur.push_str("x ");
+                    cur.push_str(&json);
+                    cur.push('\n');
+                }
+            }
         }
         if !cur.is_empty() {
             out.push(cur);
@@ -304,6 +331,11 @@ impl Notice {
                         (p.next().map(str::parse), p.next().map(str::parse), p.next())
                     {
                         n.membership.push((c, s, u.to_string()));
+                    }
+                }
+                Some("x") => {
+                    if let Ok(events) = serde_json::from_str(&line[2..]) {
+                        n.content = events;
                     }
                 }
                 _ => {}
@@ -398,6 +430,7 @@ pub fn create_conversation(
         events: vec![(id, 1)],
         membership: all.iter().map(|u| (id, 1, u.clone())).collect(),
         everything: false,
+        content: vec![],
     };
     notice.send(&mut tx)?;
     tx.commit()?;
@@ -489,6 +522,7 @@ fn append_membership_event(
         events: vec![(conversation_id, seq)],
         membership: vec![(conversation_id, seq, user.to_string())],
         everything: false,
+        content: vec![],
     };
     notice.send(&mut tx)?;
     tx.commit()?;
@@ -530,6 +564,64 @@ pub struct BatchOutcome {
     pub new_events: Vec<Event>,
 }
 
+/// The statements of the write path, prepared once per connection (the
+/// commit lanes keep one connection each), so a batch pays no parsing or
+/// planning: three statements and BEGIN/COMMIT per committed batch.
+pub struct AppendStatements {
+    lock: postgres::Statement,
+    resolve: postgres::Statement,
+    write: postgres::Statement,
+}
+
+impl AppendStatements {
+    pub fn prepare(client: &mut Client) -> Result<AppendStatements, StoreError> {
+        Ok(AppendStatements {
+            // 1. Lock the touched conversations (ascending id: no deadlock
+            //    between batches), read their last seq and the commit time.
+            lock: client.prepare(&format!(
+                "SELECT id, last_seq, {NOW_SQL} FROM conversations
+                 WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            ))?,
+            // 2. After the lock (a fresh snapshot: READ COMMITTED takes one
+            //    per statement), per (conversation, sender, client_msg_id):
+            //    is the sender a member, and was this key committed before?
+            resolve: client.prepare(&format!(
+                "SELECT k.c, k.s,
+                        EXISTS (SELECT 1 FROM members mm
+                                WHERE mm.conversation_id = k.c AND mm.user_id = k.s),
+                        e.seq IS NOT NULL, {EVENT_COLUMNS_E}
+                 FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
+                 LEFT JOIN events e
+                   ON e.conversation_id = k.c AND e.sender = k.s AND e.client_msg_id = k.m"
+            ))?,
+            // 3. Insert the events, bump last_seq, announce: one statement.
+            write: client.prepare(
+                "WITH ins AS (
+                     INSERT INTO events (conversation_id, seq, type, sender, created_at, body, client_msg_id)
+                     SELECT c, s, 'message.created', snd, now(), b, m
+                     FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+                          AS t(c, s, snd, b, m)
+                 ), upd AS (
+                     UPDATE conversations c SET last_seq = v.s
+                     FROM unnest($6::bigint[], $7::bigint[]) AS v(id, s) WHERE c.id = v.id
+                 )
+                 SELECT pg_notify($8, $9)",
+            )?,
+        })
+    }
+}
+
+/// Appends a batch of messages in ONE transaction (see
+/// [`append_messages_with`]), preparing the statements first. Lanes keep
+/// an [`AppendStatements`] and call [`append_messages_with`] directly.
+pub fn append_messages(
+    client: &mut Client,
+    batch: &[NewMessage],
+) -> Result<BatchOutcome, StoreError> {
+    let stmts = AppendStatements::prepare(client)?;
+    append_messages_with(client, &stmts, batch)
+}
+
 /// Appends a batch of messages in ONE transaction: locks the touched
 /// conversations (ascending id), resolves idempotency and membership,
 /// assigns seqs, inserts, bumps `last_seq`, sends one NOTIFY, commits.
@@ -537,8 +629,9 @@ pub struct BatchOutcome {
 /// Per-message problems (not a member, unknown conversation) fail only
 /// that message; a database failure fails the whole batch and commits
 /// nothing. Callers acknowledge only after this returns `Ok`.
-pub fn append_messages(
+pub fn append_messages_with(
     client: &mut Client,
+    stmts: &AppendStatements,
     batch: &[NewMessage],
 ) -> Result<BatchOutcome, StoreError> {
     let mut tx = client.transaction()?;
@@ -547,14 +640,7 @@ pub fn append_messages(
     conv_ids.sort_unstable();
     conv_ids.dedup();
 
-    // 1. Lock the conversations, learn their last seq and the commit time.
-    let rows = tx.query(
-        &format!(
-            "SELECT id, last_seq, {NOW_SQL} FROM conversations
-             WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-        ),
-        &[&conv_ids],
-    )?;
+    let rows = tx.query(&stmts.lock, &[&conv_ids])?;
     let mut last_seq: HashMap<i64, i64> = HashMap::with_capacity(rows.len());
     let mut now = String::new();
     for r in &rows {
@@ -562,58 +648,38 @@ pub fn append_messages(
         now = r.get(2);
     }
 
-    // 2. Membership and earlier commits of the same client_msg_ids, in one query.
-    let (cs, ss, ms): (Vec<i64>, Vec<&str>, Vec<&str>) = batch
+    let mut cs = Vec::with_capacity(batch.len());
+    let mut ss = Vec::with_capacity(batch.len());
+    let mut ms = Vec::with_capacity(batch.len());
+    for m in batch
         .iter()
         .filter(|m| last_seq.contains_key(&m.conversation_id))
-        .map(|m| {
-            (
-                m.conversation_id,
-                m.sender.as_str(),
-                m.client_msg_id.as_str(),
-            )
-        })
-        .fold(
-            (vec![], vec![], vec![]),
-            |(mut a, mut b, mut c), (x, y, z)| {
-                a.push(x);
-                b.push(y);
-                c.push(z);
-                (a, b, c)
-            },
-        );
+    {
+        cs.push(m.conversation_id);
+        ss.push(m.sender.as_str());
+        ms.push(m.client_msg_id.as_str());
+    }
     let mut members: std::collections::HashSet<(i64, String)> = Default::default();
     let mut existing: HashMap<(i64, String, String), Event> = HashMap::new();
     if !cs.is_empty() {
-        let rows = tx.query(
-            "SELECT DISTINCT m.conversation_id, m.user_id FROM members m
-             JOIN unnest($1::bigint[], $2::text[]) AS k(c, s)
-               ON m.conversation_id = k.c AND m.user_id = k.s",
-            &[&cs, &ss],
-        )?;
-        for r in rows {
-            members.insert((r.get(0), r.get(1)));
-        }
-        let rows = tx.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events e
-                 JOIN (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
-                   ON e.conversation_id = k.c AND e.sender = k.s AND e.client_msg_id = k.m"
-            ),
-            &[&cs, &ss, &ms],
-        )?;
-        for r in rows {
-            let e = event_from_row(&r);
-            let key = (
-                e.conversation_id,
-                e.sender.clone(),
-                e.client_msg_id.clone().unwrap_or_default(),
-            );
-            existing.insert(key, e);
+        for r in tx.query(&stmts.resolve, &[&cs, &ss, &ms])? {
+            let (c, sender): (i64, String) = (r.get(0), r.get(1));
+            if r.get::<_, bool>(2) {
+                members.insert((c, sender));
+            }
+            if r.get::<_, bool>(3) {
+                let e = event_from_row_at(&r, 4);
+                let key = (
+                    e.conversation_id,
+                    e.sender.clone(),
+                    e.client_msg_id.clone().unwrap_or_default(),
+                );
+                existing.insert(key, e);
+            }
         }
     }
 
-    // 3. Decide every message and assign seqs.
+    // Decide every message and assign seqs.
     let mut results: Vec<Result<Appended, StoreError>> = Vec::with_capacity(batch.len());
     let mut new_events: Vec<Event> = Vec::new();
     for m in batch {
@@ -663,7 +729,6 @@ pub fn append_messages(
         });
     }
 
-    // 4. Insert the events and bump last_seq, then one NOTIFY, then COMMIT.
     new_events.sort_by_key(|e| (e.conversation_id, e.seq));
     let mut c = Vec::with_capacity(new_events.len());
     let mut s = Vec::with_capacity(new_events.len());
@@ -677,12 +742,6 @@ pub fn append_messages(
         body.push(e.body.as_deref().unwrap_or(""));
         cmid.push(e.client_msg_id.as_deref().unwrap_or(""));
     }
-    tx.execute(
-        "INSERT INTO events (conversation_id, seq, type, sender, created_at, body, client_msg_id)
-         SELECT c, s, 'message.created', snd, now(), b, m
-         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS t(c, s, snd, b, m)",
-        &[&c, &s, &snd, &body, &cmid],
-    )?;
     let mut touched: Vec<(i64, i64)> = Vec::new();
     for e in &new_events {
         match touched.last_mut() {
@@ -691,12 +750,14 @@ pub fn append_messages(
         }
     }
     let (tc, ts): (Vec<i64>, Vec<i64>) = touched.iter().copied().unzip();
-    let notice = Notice {
+    let mut notice = Notice {
         events: touched,
         membership: vec![],
         everything: false,
+        content: new_events.clone(),
     };
     let payloads = notice.encode();
+    notice.content.clear();
     // One payload in all but pathological batches; if it would not fit,
     // say "catch up everything" instead of several notifications.
     let payload = if payloads.len() == 1 {
@@ -704,13 +765,19 @@ pub fn append_messages(
     } else {
         "*\n".to_string()
     };
-    tx.execute(
-        "WITH u AS (
-             UPDATE conversations c SET last_seq = v.s
-             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, s) WHERE c.id = v.id
-         )
-         SELECT pg_notify($3, $4)",
-        &[&tc, &ts, &NOTIFY_CHANNEL, &payload],
+    tx.query(
+        &stmts.write,
+        &[
+            &c,
+            &s,
+            &snd,
+            &body,
+            &cmid,
+            &tc,
+            &ts,
+            &NOTIFY_CHANNEL,
+            &payload,
+        ],
     )?;
     tx.commit()?;
     Ok(BatchOutcome {
@@ -921,20 +988,48 @@ pub fn ping(client: &mut Client) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
+    fn message(c: i64, seq: i64, body: &str) -> Event {
+        Event {
+            conversation_id: c,
+            seq,
+            kind: EVENT_MESSAGE_CREATED.into(),
+            sender: "a".into(),
+            created_at: "2026-01-01T00:00:00.000000Z".into(),
+            body: Some(body.into()),
+            client_msg_id: Some("k".into()),
+            user: None,
+            title: None,
+            members: None,
+        }
+    }
+
     #[test]
     fn notice_round_trips_and_splits() {
         let n = Notice {
             events: vec![(1, 5), (2, 9)],
             membership: vec![(3, 1, "bob".into())],
             everything: false,
+            content: vec![message(2, 9, "hi\nthere")],
         };
         let p = n.encode();
         assert_eq!(p.len(), 1);
-        assert_eq!(Notice::parse(&p[0]), n);
+        assert_eq!(Notice::parse(&p[0]), n, "content with a newline survives");
+        // Content that does not fit is left out; the hint stays.
+        let heavy = Notice {
+            events: vec![(2, 9)],
+            content: vec![message(2, 9, &"y".repeat(9000))],
+            ..Notice::default()
+        };
+        let p = heavy.encode();
+        assert_eq!(p.len(), 1);
+        let back = Notice::parse(&p[0]);
+        assert_eq!(back.events, vec![(2, 9)]);
+        assert!(back.content.is_empty());
         let big = Notice {
             events: vec![],
             membership: (0..2000).map(|i| (1, 1, format!("user{i}"))).collect(),
             everything: false,
+            content: vec![],
         };
         let parts = big.encode();
         assert!(parts.len() > 1);

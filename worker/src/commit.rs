@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use tether_shared::store::{self, Appended, DbSettings, NewMessage, StoreError};
+use tether_shared::store::{self, AppendStatements, Appended, DbSettings, NewMessage, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a send's result goes.
@@ -142,7 +142,8 @@ fn lane_loop(
     metrics: Arc<Metrics>,
     pending: Arc<AtomicUsize>,
 ) {
-    let mut client: Option<postgres::Client> = None;
+    // The lane's connection and its prepared write statements.
+    let mut client: Option<(postgres::Client, AppendStatements)> = None;
     let mut last_connect_failure: Option<(Instant, StoreError)> = None;
     while let Some(first) = rx.blocking_recv() {
         let mut batch: Vec<SendRequest> = Vec::with_capacity(max_batch);
@@ -156,7 +157,7 @@ fn lane_loop(
         // Every request of this batch is answered before the next
         // iteration (committed, failed, or retried alone).
         let _answered = PendingGuard(&pending, batch.len());
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
+        if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             client = None;
             if let Some((at, err)) = &last_connect_failure {
                 if at.elapsed() < RECONNECT_BACKOFF {
@@ -164,7 +165,10 @@ fn lane_loop(
                     continue;
                 }
             }
-            match settings.connect() {
+            match settings.connect().and_then(|mut c| {
+                let stmts = AppendStatements::prepare(&mut c)?;
+                Ok((c, stmts))
+            }) {
                 Ok(c) => {
                     if last_connect_failure.take().is_some() {
                         log::info!("commit lane {lane}: database connection restored");
@@ -181,9 +185,11 @@ fn lane_loop(
                 }
             }
         }
-        let Some(c) = client.as_mut() else { continue };
+        let Some((c, stmts)) = client.as_mut() else {
+            continue;
+        };
         let size = batch.len();
-        match commit_batch(c, batch, &dispatcher, &metrics) {
+        match commit_batch(c, stmts, batch, &dispatcher, &metrics) {
             Ok(()) => {}
             Err((batch, e)) if e.is_unavailable() => {
                 log::warn!("commit lane {lane}: batch of {size} failed: {e}");
@@ -195,7 +201,8 @@ fn lane_loop(
                 // message: commit the rest one by one so it fails alone.
                 log::error!("commit lane {lane}: batch of {size} failed: {e}; retrying one by one");
                 for req in batch {
-                    if let Err((one, e)) = commit_batch(c, vec![req], &dispatcher, &metrics) {
+                    if let Err((one, e)) = commit_batch(c, stmts, vec![req], &dispatcher, &metrics)
+                    {
                         log::error!("commit lane {lane}: a send failed alone: {e}");
                         fail_all(one, e, &metrics);
                     }
@@ -215,12 +222,13 @@ fn lane_loop(
 /// nothing was committed and the batch comes back unanswered.
 fn commit_batch(
     c: &mut postgres::Client,
+    stmts: &AppendStatements,
     batch: Vec<SendRequest>,
     dispatcher: &Dispatcher,
     metrics: &Metrics,
 ) -> Result<(), (Vec<SendRequest>, StoreError)> {
     let messages: Vec<NewMessage> = batch.iter().map(|r| r.message.clone()).collect();
-    let outcome = match store::append_messages(c, &messages) {
+    let outcome = match store::append_messages_with(c, stmts, &messages) {
         Ok(o) => o,
         Err(e) => return Err((batch, e)),
     };

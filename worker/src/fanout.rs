@@ -122,7 +122,8 @@ enum DispatchMsg {
         id: ConnId,
     },
     Local(Vec<Arc<Frame>>),
-    Hint(Notice),
+    /// A notification from another process, with the events it carried.
+    Hint(Notice, Vec<Arc<Frame>>),
     ListenerRestored,
     Fetched {
         positions: Vec<(i64, i64)>,
@@ -280,7 +281,12 @@ impl State {
                     self.offer(f);
                 }
             }
-            DispatchMsg::Hint(notice) => self.hint(notice),
+            DispatchMsg::Hint(notice, frames) => {
+                for f in frames {
+                    self.offer(f);
+                }
+                self.hint(notice);
+            }
             DispatchMsg::ListenerRestored => {
                 // Notifications may have been lost while we were not
                 // listening: re-read everything we follow.
@@ -667,10 +673,14 @@ fn listen_loop(
             match next {
                 Ok(Some(n)) => {
                     idle_since = Instant::now();
-                    if tx
-                        .send(DispatchMsg::Hint(Notice::parse(n.payload())))
-                        .is_err()
-                    {
+                    let mut notice = Notice::parse(n.payload());
+                    let now = Instant::now();
+                    let frames = notice
+                        .content
+                        .drain(..)
+                        .map(|e| Arc::new(Frame::from_event(&e, now)))
+                        .collect();
+                    if tx.send(DispatchMsg::Hint(notice, frames)).is_err() {
                         return;
                     }
                 }
