@@ -585,14 +585,23 @@ impl AppendStatements {
             // 2. After the lock (a fresh snapshot: READ COMMITTED takes one
             //    per statement), per (conversation, sender, client_msg_id):
             //    is the sender a member, and was this key committed before?
+            //    Written as per-key lookups (LATERAL ... LIMIT 1) so that
+            //    the plan is an index probe per key whatever the table
+            //    statistics said when the statement was prepared: a hash
+            //    join over a then-empty events table would scan the whole
+            //    log on every batch once it has grown.
             resolve: client.prepare(&format!(
                 "SELECT k.c, k.s,
                         EXISTS (SELECT 1 FROM members mm
                                 WHERE mm.conversation_id = k.c AND mm.user_id = k.s),
                         e.seq IS NOT NULL, {EVENT_COLUMNS_E}
                  FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
-                 LEFT JOIN events e
-                   ON e.conversation_id = k.c AND e.sender = k.s AND e.client_msg_id = k.m"
+                 LEFT JOIN LATERAL (
+                     SELECT * FROM events ev
+                     WHERE ev.conversation_id = k.c AND ev.sender = k.s
+                       AND ev.client_msg_id = k.m AND ev.client_msg_id IS NOT NULL
+                     LIMIT 1
+                 ) AS e ON true"
             ))?,
             // 3. Insert the events, bump last_seq, announce: one statement.
             write: client.prepare(

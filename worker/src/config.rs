@@ -101,7 +101,7 @@ impl WorkerConfig {
                 5_000u64,
             )?),
             pool_size: f.get("pool-size", "TETHER_POOL_SIZE", 16)?,
-            commit_lanes: f.get("commit-lanes", "TETHER_COMMIT_LANES", 4usize)?.max(1),
+            commit_lanes: f.get("commit-lanes", "TETHER_COMMIT_LANES", 2usize)?.max(1),
             max_batch: f.get("max-batch", "TETHER_MAX_BATCH", 512usize)?.max(1),
             max_inflight: f
                 .get("max-inflight", "TETHER_MAX_INFLIGHT", 256usize)?
