@@ -300,7 +300,13 @@ pub async fn send_loop(
     } else {
         None
     };
-    let mut next = tokio::time::Instant::now();
+    // Spread the senders over the interval: started in lockstep, N senders
+    // at rate R each would arrive as bursts of N every 1/R seconds, which
+    // measures burst queueing rather than a steady load. The golden-ratio
+    // phase spreads any number of conversations evenly.
+    let phase = (conversation as f64 * 0.618_033_988_749_895).fract();
+    let mut next =
+        tokio::time::Instant::now() + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(phase));
     let issue = |t: &mut SendTotals, inflight: &mut FuturesUnordered<_>| {
         let sent_at = Instant::now();
         let fut = handle.send(conversation, stamp_body(pad));

@@ -85,7 +85,7 @@ export interface TetherClientOptions {
   heartbeatMs?: number;
   /** Drop the connection when a ping is not answered within this. Default 10000. */
   heartbeatTimeoutMs?: number;
-  /** Ack at most this long after an event. Default 200. */
+  /** Ack at most this long after an event. Default 1000. */
   ackDelayMs?: number;
   /** Ack at once after this many events. Default 64. */
   ackEvery?: number;

@@ -158,6 +158,8 @@ impl DbSettings {
 }
 
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+/// A connection checked out of a [`Pool`].
+pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
 
 /// A connection pool that does not block start-up when the database is
 /// down (it connects lazily) and gives up on a checkout after
@@ -172,10 +174,10 @@ pub fn pool(
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(checkout_timeout)
-        // A pooled connection may have died with the database (restart,
-        // failover): check it on checkout so the first request after the
-        // database returns does not fail on a dead connection.
-        .test_on_check_out(true)
+        // No round trip on every checkout: the worker retries a read that
+        // failed on a connection that died with the database, and checks
+        // the connection before a write (tether_worker::App::db, db_write).
+        .test_on_check_out(false)
         .error_handler(Box::new(QuietErrors))
         .build_unchecked(manager))
 }

@@ -27,6 +27,7 @@
 //! never buffers without bound for a client that does not read.
 
 use crate::metrics::Metrics;
+use crate::recent::RecentFrames;
 use postgres::fallible_iterator::FallibleIterator;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,6 +143,7 @@ impl Dispatcher {
     /// Starts the dispatcher task (on the current runtime) and the LISTEN
     /// thread.
     pub fn start(
+        recent: Arc<RecentFrames>,
         pool: Pool,
         settings: DbSettings,
         metrics: Arc<Metrics>,
@@ -157,6 +159,7 @@ impl Dispatcher {
             retry_scheduled: false,
             failed_fetches: HashSet::new(),
             pool,
+            recent,
             metrics: metrics.clone(),
             self_tx: tx.clone(),
         };
@@ -227,6 +230,8 @@ struct State {
     failed_fetches: HashSet<i64>,
     retry_scheduled: bool,
     pool: Pool,
+    /// Shared with backlog replays: every delivered frame goes in.
+    recent: Arc<RecentFrames>,
     metrics: Arc<Metrics>,
     self_tx: mpsc::UnboundedSender<DispatchMsg>,
 }
@@ -480,6 +485,7 @@ impl State {
             conv.ring.pop_front();
         }
         conv.ring.push_back(f.clone());
+        self.recent.put(c, std::slice::from_ref(&f));
         let mut slow = Vec::new();
         for id in &conv.subs {
             if let Some(conn) = self.conns.get(id) {

@@ -381,7 +381,7 @@ async fn create_conversation(
     };
     let creator = user.to_string();
     let result = app
-        .db(move |c| store::create_conversation(c, &creator, &title, &members))
+        .db_write(move |c| store::create_conversation(c, &creator, &title, &members))
         .await;
     match result {
         Ok(change) => {
@@ -421,7 +421,7 @@ async fn add_member(
     let actor = user.to_string();
     let m = member.clone();
     match app
-        .db(move |c| store::add_member(c, &actor, conversation_id, &m))
+        .db_write(move |c| store::add_member(c, &actor, conversation_id, &m))
         .await
     {
         Ok(change) => match change.event {
@@ -457,7 +457,7 @@ async fn remove_member(
     let actor = user.to_string();
     let m = member.clone();
     match app
-        .db(move |c| store::remove_member(c, &actor, conversation_id, &m))
+        .db_write(move |c| store::remove_member(c, &actor, conversation_id, &m))
         .await
     {
         Ok(change) => {

@@ -16,6 +16,7 @@
 //! - [`health`]: the database probe;
 //! - [`control`]: the supervisor's control socket (ready, heartbeat, status);
 //! - [`ratelimit`]: per-user send rate;
+//! - [`recent`]: recent frames per conversation, shared by backlog replays;
 //! - [`socket`]: where the listening socket comes from;
 //! - [`demo`]: the demo chat page at `/demo/`.
 
@@ -34,6 +35,7 @@ pub mod http;
 pub mod metrics;
 pub mod phase;
 pub mod ratelimit;
+pub mod recent;
 pub mod socket;
 pub mod ws;
 
@@ -67,6 +69,7 @@ pub struct App {
     pub phase: PhaseCell,
     pub cluster: Arc<ClusterView>,
     pub rate: RateLimiter,
+    pub recent: Arc<recent::RecentFrames>,
     next_conn: AtomicU64,
     /// WebSocket connection tasks still running (draining waits for zero).
     pub live_conns: AtomicU64,
@@ -79,36 +82,79 @@ impl App {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Runs a blocking database call on the blocking pool with a pooled
-    /// connection (the `postgres` crate must never run on an async thread).
+    /// Runs a blocking read on the blocking pool with a pooled connection
+    /// (the `postgres` crate must never run on an async thread). A pooled
+    /// connection may have died with the database (a restart): if the
+    /// read fails that way, it is retried once on a fresh connection, so
+    /// the first request after the database returns does not fail. Only
+    /// for reads: a failed write is not retried (see [`App::db_write`]).
     pub async fn db<T, F>(&self, f: F) -> Result<T, store::StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut postgres::Client) -> Result<T, store::StoreError> + Send + 'static,
+    {
+        self.on_pool(move |pool, metrics| {
+            let mut conn = checkout(pool, metrics)?;
+            match f(&mut conn) {
+                Err(e) if e.is_unavailable() && conn.is_closed() => {
+                    drop(conn); // r2d2 discards it: it is closed
+                    let mut conn = checkout(pool, metrics)?;
+                    f(&mut conn)
+                }
+                r => r,
+            }
+        })
+        .await
+    }
+
+    /// Runs a blocking write. The connection is checked first (one empty
+    /// round trip), since a write that fails half-way must not be retried
+    /// blindly: the caller reports the error and the client retries.
+    pub async fn db_write<T, F>(&self, f: F) -> Result<T, store::StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut postgres::Client) -> Result<T, store::StoreError> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        let health = self.health.clone();
-        let metrics = self.metrics.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let waited = std::time::Instant::now();
-            let conn = pool.get();
-            metrics.pool_wait.observe_duration(waited.elapsed());
-            let mut conn = conn?;
+        self.on_pool(move |pool, metrics| {
+            let mut conn = checkout(pool, metrics)?;
+            if conn.simple_query("").is_err() {
+                drop(conn);
+                conn = checkout(pool, metrics)?;
+            }
             f(&mut conn)
         })
         .await
-        .unwrap_or_else(|e| {
-            Err(store::StoreError::Internal(format!(
-                "database task failed: {e}"
-            )))
-        });
+    }
+
+    async fn on_pool<T, F>(&self, f: F) -> Result<T, store::StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pool, &Metrics) -> Result<T, store::StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let metrics = self.metrics.clone();
+        let result = tokio::task::spawn_blocking(move || f(&pool, &metrics))
+            .await
+            .unwrap_or_else(|e| {
+                Err(store::StoreError::Internal(format!(
+                    "database task failed: {e}"
+                )))
+            });
         if let Err(e) = &result {
             if e.is_unavailable() {
-                health.mark_down();
+                self.health.mark_down();
             }
         }
         result
     }
+}
+
+/// A pooled connection, timing the wait.
+fn checkout(pool: &Pool, metrics: &Metrics) -> Result<store::PooledClient, store::StoreError> {
+    let waited = std::time::Instant::now();
+    let conn = pool.get();
+    metrics.pool_wait.observe_duration(waited.elapsed());
+    Ok(conn?)
 }
 
 /// One line per event, every line tagged with the worker (`w1`), like the
@@ -197,7 +243,9 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(DbHealth::new());
+    let recent = Arc::new(recent::RecentFrames::new());
     let dispatcher = Dispatcher::start(
+        recent.clone(),
         pool.clone(),
         settings.named(&format!("tether-listen {worker}")),
         metrics.clone(),
@@ -225,6 +273,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         phase: PhaseCell::new(),
         cluster: Arc::new(ClusterView::standalone()),
         rate,
+        recent,
         next_conn: AtomicU64::new(1),
         live_conns: AtomicU64::new(0),
         live_http: AtomicU64::new(0),

@@ -14,7 +14,6 @@ use crate::http::{
 };
 use crate::phase::Phase;
 use crate::App;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
@@ -157,7 +156,10 @@ struct Connection {
     app: Arc<App>,
     id: u64,
     user: Arc<str>,
-    sink: SplitSink<Socket, Message>,
+    /// The socket, not split: reads happen only inside `select!` (whose
+    /// futures are dropped before a branch's handler runs) and writes only
+    /// in handlers, so one owner suffices and no lock sits between them.
+    ws: Socket,
     positions: HashMap<i64, Position>,
     inflight: usize,
     reply_tx: mpsc::Sender<ConnReply>,
@@ -174,6 +176,13 @@ where
     F: std::future::Future<Output = Result<(), WsError>>,
 {
     tokio::pin!(fut);
+    // Most writes complete at once (the socket has room): try before arming
+    // a timer, which would cost a timer-wheel entry per write.
+    if let std::task::Poll::Ready(r) =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await
+    {
+        return r;
+    }
     loop {
         match tokio::time::timeout(Duration::from_secs(1), &mut fut).await {
             Ok(r) => return r,
@@ -191,7 +200,6 @@ where
 impl Connection {
     async fn run(app: Arc<App>, socket: Socket, user: Arc<str>) {
         let id = app.next_conn_id();
-        let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
         let cut = Arc::new(AtomicBool::new(false));
@@ -205,14 +213,14 @@ impl Connection {
             app: app.clone(),
             id,
             user: user.clone(),
-            sink,
+            ws: socket,
             positions: HashMap::new(),
             inflight: 0,
             reply_tx,
             unflushed: 0,
             cut: cut.clone(),
         };
-        let mut end = conn.serve(stream, rx, reply_rx, &cut).await;
+        let mut end = conn.serve(rx, reply_rx, &cut).await;
         if cut.load(Ordering::Acquire) && matches!(end, End::ClientClosed) {
             // Our writes failed because we gave up on a client that did
             // not read: tell it why, if it ever reads again.
@@ -227,14 +235,14 @@ impl Connection {
     async fn write(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
         self.unflushed += 1;
         let cut = self.cut.clone();
-        guarded(&cut, self.sink.feed(Message::Text(text))).await
+        guarded(&cut, self.ws.feed(Message::Text(text))).await
     }
 
     async fn flush(&mut self) -> Result<(), WsError> {
         if self.unflushed > 0 {
             self.unflushed = 0;
             let cut = self.cut.clone();
-            guarded(&cut, self.sink.flush()).await?;
+            guarded(&cut, self.ws.flush()).await?;
         }
         Ok(())
     }
@@ -269,8 +277,8 @@ impl Connection {
             Duration::from_secs(2)
         };
         let _ = tokio::time::timeout(grace, async {
-            let _ = self.sink.send(Message::Close(Some(frame))).await;
-            let _ = self.sink.close().await;
+            let _ = self.ws.send(Message::Close(Some(frame))).await;
+            let _ = self.ws.close(None).await;
         })
         .await;
     }
@@ -278,7 +286,6 @@ impl Connection {
     /// The connection's life; returns why it ended.
     async fn serve(
         &mut self,
-        mut stream: SplitStream<Socket>,
         mut rx: mpsc::Receiver<ConnMsg>,
         mut reply_rx: mpsc::Receiver<ConnReply>,
         cut: &AtomicBool,
@@ -287,11 +294,14 @@ impl Connection {
         if self.write_now(hello).await.is_err() {
             return End::ClientClosed;
         }
-        if let Err(end) = self.replay_backlog(&mut stream).await {
+        if let Err(end) = self.replay_backlog().await {
             return end;
         }
 
+        // One future for the whole loop (not one per iteration).
         let mut phase = self.app.phase.subscribe();
+        let drain = crate::phase::until_draining(&mut phase);
+        tokio::pin!(drain);
         let idle = self.app.config.idle_timeout;
         let mut last_inbound = Instant::now();
         let mut ticker = tokio::time::interval(idle / 4);
@@ -301,7 +311,7 @@ impl Connection {
             let can_read = self.inflight < self.app.config.max_inflight;
             tokio::select! {
                 biased;
-                _ = crate::phase::until_draining(&mut phase) => {
+                _ = &mut drain => {
                     self.finish_inflight(&mut reply_rx).await;
                     return End::Draining;
                 }
@@ -326,7 +336,7 @@ impl Connection {
                     }
                     if self.flush().await.is_err() { return End::ClientClosed; }
                 }
-                inbound = stream.next(), if can_read => {
+                inbound = self.ws.next(), if can_read => {
                     last_inbound = Instant::now();
                     pinged = false;
                     match inbound {
@@ -357,7 +367,7 @@ impl Connection {
                     }
                     if silent >= idle / 2 && !pinged {
                         pinged = true;
-                        if self.sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        if self.ws.send(Message::Ping(Vec::new().into())).await.is_err() {
                             return End::ClientClosed;
                         }
                     }
@@ -387,7 +397,7 @@ impl Connection {
     /// Registers interest, reads memberships, subscribes, replays every
     /// event above the cursor of every conversation, says `synced`.
     /// Retries while the database is down (the socket stays open).
-    async fn replay_backlog(&mut self, stream: &mut SplitStream<Socket>) -> Result<(), End> {
+    async fn replay_backlog(&mut self) -> Result<(), End> {
         let mut told_unavailable = false;
         let memberships = loop {
             let user = self.user.to_string();
@@ -404,8 +414,7 @@ impl Connection {
                         );
                         self.write_now(f).await.map_err(|_| End::ClientClosed)?;
                     }
-                    self.wait_or_client_gone(stream, Duration::from_millis(500))
-                        .await?;
+                    self.wait_or_client_gone(Duration::from_millis(500)).await?;
                 }
                 Err(e) => {
                     log::error!("user={} conn={}: memberships: {e}", self.user, self.id);
@@ -431,9 +440,19 @@ impl Connection {
         );
         let mut replayed = 0u64;
         for m in &memberships {
+            let (c, upto) = (m.conversation_id, m.last_seq);
+            // Members of one conversation missed the same events: the
+            // first to reconnect reads them, the rest are served from memory.
+            if let Some(frames) = self.app.recent.get(c, m.cursor, upto) {
+                for f in &frames {
+                    replayed += 1;
+                    self.write_frame(f).await.map_err(|_| End::ClientClosed)?;
+                }
+                self.flush().await.map_err(|_| End::ClientClosed)?;
+                continue;
+            }
             let mut after = m.cursor;
-            while after < m.last_seq {
-                let (c, upto) = (m.conversation_id, m.last_seq);
+            while after < upto {
                 let page = match self
                     .app
                     .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
@@ -441,8 +460,7 @@ impl Connection {
                 {
                     Ok(p) => p,
                     Err(e) if e.is_unavailable() => {
-                        self.wait_or_client_gone(stream, Duration::from_millis(500))
-                            .await?;
+                        self.wait_or_client_gone(Duration::from_millis(500)).await?;
                         continue;
                     }
                     Err(e) => {
@@ -453,10 +471,16 @@ impl Connection {
                 if page.is_empty() {
                     break;
                 }
-                for e in &page {
-                    after = e.seq;
+                let now = Instant::now();
+                let frames: Vec<Arc<Frame>> = page
+                    .iter()
+                    .map(|e| Arc::new(Frame::from_event(e, now)))
+                    .collect();
+                self.app.recent.put(c, &frames);
+                for f in &frames {
+                    after = f.seq;
                     replayed += 1;
-                    self.write_event(e).await.map_err(|_| End::ClientClosed)?;
+                    self.write_frame(f).await.map_err(|_| End::ClientClosed)?;
                 }
                 self.flush().await.map_err(|_| End::ClientClosed)?;
             }
@@ -474,17 +498,13 @@ impl Connection {
     }
 
     /// Sleeps `d`, but returns early with an error if the client closes.
-    async fn wait_or_client_gone(
-        &mut self,
-        stream: &mut SplitStream<Socket>,
-        d: Duration,
-    ) -> Result<(), End> {
+    async fn wait_or_client_gone(&mut self, d: Duration) -> Result<(), End> {
         let sleep = tokio::time::sleep(d);
         tokio::pin!(sleep);
         loop {
             tokio::select! {
                 _ = &mut sleep => return Ok(()),
-                m = stream.next() => match m {
+                m = self.ws.next() => match m {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
                     // Frames sent before synced are refused: the client must
                     // wait for its backlog.
@@ -500,15 +520,22 @@ impl Connection {
 
     /// Writes an event read from the log (backlog or repair), keeping order.
     async fn write_event(&mut self, e: &Event) -> Result<(), WsError> {
-        let pos = self.positions.entry(e.conversation_id).or_insert(Position {
-            last: e.seq - 1,
+        self.write_frame(&Arc::new(Frame::from_event(e, Instant::now())))
+            .await
+    }
+
+    /// Writes a frame of the backlog or a repair, keeping order: anything
+    /// at or below what this connection already wrote is dropped.
+    async fn write_frame(&mut self, f: &Frame) -> Result<(), WsError> {
+        let pos = self.positions.entry(f.conversation_id).or_insert(Position {
+            last: f.seq - 1,
             active: true,
         });
-        if e.seq <= pos.last {
+        if f.seq <= pos.last {
             return Ok(());
         }
-        pos.last = e.seq;
-        self.write(Utf8Bytes::from(e.to_frame())).await
+        pos.last = f.seq;
+        self.write(f.text.clone()).await
     }
 
     async fn on_conn_msg(&mut self, msg: ConnMsg) -> Result<(), End> {

@@ -47,7 +47,7 @@ const DEFAULTS = {
   connectTimeoutMs: 15000,
   heartbeatMs: 25000,
   heartbeatTimeoutMs: 10000,
-  ackDelayMs: 200,
+  ackDelayMs: 1000,
   ackEvery: 64,
   outboxLimit: 1000,
   maxFrameBytes: 256 * 1024,
