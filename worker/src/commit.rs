@@ -23,7 +23,9 @@ pub enum ReplyTo {
     /// An HTTP request waiting for its answer.
     Once(oneshot::Sender<Result<Appended, StoreError>>),
     /// A WebSocket connection's reply queue (with the send's client_msg_id).
-    Conn(mpsc::Sender<ConnReply>),
+    /// Boxed: a channel allocates a block of 32 slots up front, and every
+    /// idle connection has one, so slots must be small.
+    Conn(mpsc::Sender<Box<ConnReply>>),
 }
 
 /// A result for a WebSocket send.
@@ -124,11 +126,11 @@ fn reply(
         ReplyTo::Conn(tx) => {
             // The connection reserves room for every send it has in flight,
             // so this only fails if the connection is gone.
-            let _ = tx.try_send(ConnReply {
+            let _ = tx.try_send(Box::new(ConnReply {
                 client_msg_id,
                 conversation_id,
                 result,
-            });
+            }));
         }
     }
 }

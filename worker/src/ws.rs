@@ -100,13 +100,14 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let on_upgrade = hyper::upgrade::on(req);
     let config = WebSocketConfig::default()
-        // Idle sockets are most of a gateway's memory: start small, grow on demand.
-        .read_buffer_size(4096)
+        // Idle sockets are most of a gateway's memory: start small (client
+        // frames are small), grow on demand.
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(app.config.max_frame_bytes.max(64 * 1024) * 4)
         .max_message_size(Some(app.config.max_frame_bytes))
         .max_frame_size(Some(app.config.max_frame_bytes));
-    tokio::spawn(async move {
+    let task = async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let socket = WebSocketStream::from_raw_socket(
@@ -120,7 +121,10 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
         }
         app.live_conns.fetch_sub(1, Ordering::AcqRel);
-    });
+    };
+    // An idle connection costs this task (about 2.3 KB of future state),
+    // its socket's buffers and two channels: see README, Performance.
+    tokio::spawn(task);
     let mut r = json_response(StatusCode::SWITCHING_PROTOCOLS, String::new());
     r.headers_mut().remove(hyper::header::CONTENT_TYPE);
     r.headers_mut()
@@ -162,7 +166,7 @@ struct Connection {
     ws: Socket,
     positions: HashMap<i64, Position>,
     inflight: usize,
-    reply_tx: mpsc::Sender<ConnReply>,
+    reply_tx: mpsc::Sender<Box<ConnReply>>,
     unflushed: usize,
     /// Set by the dispatcher when this connection's queue overflowed.
     cut: Arc<AtomicBool>,
@@ -226,7 +230,7 @@ impl Connection {
             // not read: tell it why, if it ever reads again.
             end = End::TooSlow;
         }
-        conn.close(end).await;
+        Box::pin(conn.close(end)).await;
         app.dispatcher.deregister(id);
         app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
         log::debug!("user={user} conn={id}: closed");
@@ -287,14 +291,17 @@ impl Connection {
     async fn serve(
         &mut self,
         mut rx: mpsc::Receiver<ConnMsg>,
-        mut reply_rx: mpsc::Receiver<ConnReply>,
+        mut reply_rx: mpsc::Receiver<Box<ConnReply>>,
         cut: &AtomicBool,
     ) -> End {
         let hello = server::hello(&self.user, &self.app.config.worker_id);
         if self.write_now(hello).await.is_err() {
             return End::ClientClosed;
         }
-        if let Err(end) = self.replay_backlog().await {
+        // Boxed, like every rarely taken path below: a future's size is its
+        // largest state, and an idle connection should not carry the
+        // backlog replay's or a repair's state for its whole life.
+        if let Err(end) = Box::pin(self.replay_backlog()).await {
             return end;
         }
 
@@ -312,7 +319,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = &mut drain => {
-                    self.finish_inflight(&mut reply_rx).await;
+                    Box::pin(self.finish_inflight(&mut reply_rx)).await;
                     return End::Draining;
                 }
                 reply = reply_rx.recv() => {
@@ -378,7 +385,7 @@ impl Connection {
 
     /// Waits (bounded by the drain time) for sends already submitted, so
     /// their senders get `sent` before the 1001.
-    async fn finish_inflight(&mut self, reply_rx: &mut mpsc::Receiver<ConnReply>) {
+    async fn finish_inflight(&mut self, reply_rx: &mut mpsc::Receiver<Box<ConnReply>>) {
         let deadline = tokio::time::Instant::now() + self.app.config.drain;
         while self.inflight > 0 {
             match tokio::time::timeout_at(deadline, reply_rx.recv()).await {
@@ -551,7 +558,7 @@ impl Connection {
                     _ => return Ok(()),
                 };
                 if last < upto {
-                    self.repair(conversation_id, last.max(after), upto).await?;
+                    Box::pin(self.repair(conversation_id, last.max(after), upto)).await?;
                 }
                 Ok(())
             }
@@ -626,7 +633,7 @@ impl Connection {
                 from + 1,
                 f.seq - 1
             );
-            self.repair(c, from, f.seq - 1).await?;
+            Box::pin(self.repair(c, from, f.seq - 1)).await?;
         }
         let leaves_me = matches!(&f.membership, MembershipChange::Left(u) if **u == *self.user);
         if let Some(pos) = self.positions.get_mut(&c) {
@@ -754,7 +761,7 @@ impl Connection {
             .map_err(|_| End::ClientClosed)
     }
 
-    async fn on_reply(&mut self, r: ConnReply) -> Result<(), WsError> {
+    async fn on_reply(&mut self, r: Box<ConnReply>) -> Result<(), WsError> {
         let frame = match r.result {
             Ok(a) => server::sent(
                 &r.client_msg_id,
