@@ -183,6 +183,11 @@ enum KillReason {
     DrainTimeout,
     /// A second stop signal.
     Forced,
+    /// It closed its control socket while serving: it is dying (the kernel
+    /// closes a dying process's low fds first, long before a worker with
+    /// thousands of sockets is fully torn down and reaped). Killed to be
+    /// sure, and its death is counted right away.
+    ControlLost,
 }
 
 /// One worker process.
@@ -203,6 +208,9 @@ struct Worker {
     status_due: bool,
     /// The worker it replaces after a death, and when that one died.
     replaces: Option<(u64, Instant)>,
+    /// When its control socket closed while it was serving: its death was
+    /// counted (and its replacement scheduled) then; reaping it only logs.
+    lost_at: Option<Instant>,
 }
 
 impl Worker {
@@ -518,6 +526,7 @@ impl<'l> Supervisor<'l> {
     // ---- 2. control lines -------------------------------------------------
 
     fn read_channels(&mut self, now: Instant) {
+        let mut lost = Vec::new();
         for w in &mut self.workers {
             let Some(ch) = &mut w.channel else { continue };
             let got = ch.receive();
@@ -563,7 +572,22 @@ impl<'l> Supervisor<'l> {
             if got.eof {
                 log::debug!("sup: w{} pid={} closed its control socket", w.n, w.pid);
                 w.channel = None;
+                if w.active() && !w.draining {
+                    lost.push(w.n);
+                }
             }
+        }
+        // A serving worker whose control socket closed is dying: replace it
+        // now rather than when the kernel has finished tearing it down.
+        for n in lost {
+            let Some(w) = self.workers.iter_mut().find(|w| w.n == n) else {
+                continue;
+            };
+            signal(w.pid, NixSignal::SIGKILL);
+            w.killed = Some(KillReason::ControlLost);
+            w.lost_at = Some(now);
+            let (n, pid, spawned_at) = (w.n, w.pid, w.spawned_at);
+            self.count_death(now, n, pid, spawned_at, "control socket closed".into(), "");
         }
     }
 
@@ -592,7 +616,15 @@ impl<'l> Supervisor<'l> {
     }
 
     fn on_exit(&mut self, now: Instant, w: Worker, how: String) {
-        let uptime = now - w.spawned_at;
+        if let Some(lost) = w.lost_at {
+            log::info!(
+                "sup: w{} pid={} reaped ({how}), {}ms after its control socket closed",
+                w.n,
+                w.pid,
+                ms(now - lost)
+            );
+            return;
+        }
         let expected = w.term_at.is_some() || matches!(self.phase, Phase::Stopping { .. });
         if expected {
             let after = w.term_at.map_or(String::new(), |t| {
@@ -620,16 +652,31 @@ impl<'l> Supervisor<'l> {
             Some(KillReason::NotReady) => "; never said ready",
             _ => "",
         };
+        self.count_death(now, w.n, w.pid, w.spawned_at, how, why);
+    }
+
+    /// A worker died unasked: count it against the intensity limit and
+    /// schedule its replacement (or end a roll, or give up).
+    fn count_death(
+        &mut self,
+        now: Instant,
+        n: u64,
+        pid: Pid,
+        spawned_at: Instant,
+        how: String,
+        why: &str,
+    ) {
+        let uptime = now - spawned_at;
         // Is it the new worker of a roll step? Then the roll is aborted and
         // it is not replaced: the old one it was meant to replace stays.
         let surplus = matches!(
             &self.phase,
-            Phase::Reloading(Roll { step: RollStep::WaitingReady { new, .. }, .. }) if *new == w.n
+            Phase::Reloading(Roll { step: RollStep::WaitingReady { new, .. }, .. }) if *new == n
         );
         if let Phase::Reloading(roll) = &mut self.phase {
-            roll.queue.retain(|&n| n != w.n);
+            roll.queue.retain(|&queued| queued != n);
             if let RollStep::WaitingReady { old, .. } = &mut roll.step {
-                if *old == Some(w.n) {
+                if *old == Some(n) {
                     // Its replacement is already starting.
                     *old = None;
                 }
@@ -638,8 +685,8 @@ impl<'l> Supervisor<'l> {
         if let Some(count) = self.intensity.record(now) {
             log::error!(
                 "sup: w{} pid={} died ({how}{why}) after {}ms",
-                w.n,
-                w.pid,
+                n,
+                pid,
                 ms(uptime)
             );
             log::error!(
@@ -653,8 +700,8 @@ impl<'l> Supervisor<'l> {
         if surplus {
             log::error!(
                 "sup: w{} pid={} died ({how}{why}) before it was ready; reload aborted, keeping the old workers",
-                w.n,
-                w.pid
+                n,
+                pid
             );
             self.finish_roll(now, false);
             return;
@@ -662,14 +709,14 @@ impl<'l> Supervisor<'l> {
         let delay = self.backoff.on_death(uptime, now);
         log::warn!(
             "sup: w{} pid={} died ({how}{why}) after {}ms; replacing in {}ms",
-            w.n,
-            w.pid,
+            n,
+            pid,
             ms(uptime),
             ms(delay)
         );
         self.scheduled.push(Scheduled {
             due: now + delay,
-            replaces: Some((w.n, now)),
+            replaces: Some((n, now)),
         });
     }
 
@@ -782,6 +829,7 @@ impl<'l> Supervisor<'l> {
             draining: false,
             status_due: false,
             replaces,
+            lost_at: None,
         });
         Ok(n)
     }
