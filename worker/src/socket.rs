@@ -87,5 +87,13 @@ pub fn acquire(listen: &str) -> Result<Acquired, SocketError> {
         addr: listen.to_string(),
         source,
     })?;
+    // std listens with a backlog of 128: a reconnect storm overflows that
+    // and clients see SYN retries of a second or more. Listening again on
+    // a listening socket only raises the backlog (the kernel caps it at
+    // net.core.somaxconn), as the supervisor does for the shared socket.
+    // SAFETY: listen(2) on a socket we own; no memory is involved.
+    unsafe {
+        libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096);
+    }
     Ok(Acquired(listener))
 }
