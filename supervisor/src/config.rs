@@ -59,8 +59,8 @@ OPTIONS:
     --ready-timeout-ms MS         TETHER_READY_TIMEOUT_MS       kill a worker not ready this long [30000]
     --restart-backoff-ms MS       TETHER_RESTART_BACKOFF_MS     first non-zero restart delay [100]
     --restart-backoff-max-ms MS   TETHER_RESTART_BACKOFF_MAX_MS longest restart delay [5000]
-    --worker-bin PATH             TETHER_WORKER_BIN             worker executable
-                                                                [tether-worker beside tether]
+    --worker-bin PATH             TETHER_WORKER_BIN             worker executable, e.g. tether-worker
+                                                                [this binary, run as `tether worker`]
     --no-demo                     TETHER_DEMO=off               do not serve the demo page at /demo/
 
 SIGNALS:
@@ -97,6 +97,9 @@ pub struct Config {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub worker_bin: PathBuf,
+    /// Arguments before the worker's own: `worker` when the worker is this
+    /// executable, none for a `--worker-bin`.
+    pub worker_args: Vec<String>,
     /// Serve the demo chat page at `/demo/` (off with `--no-demo`).
     pub demo: bool,
 }
@@ -111,11 +114,13 @@ fn default_workers() -> u32 {
         .unwrap_or(1)
 }
 
-/// The default worker binary: `tether-worker` beside our own executable.
+/// The default worker: this very executable, run as `tether worker`
+/// (see `main.rs`). The `tether` binary contains the worker, so a worker is
+/// always the same build as its supervisor, and `cargo run` (which builds
+/// only the binary it runs) needs nothing else. The supervisor process
+/// itself never runs worker code: it only ever fork+execs it.
 fn default_worker_bin() -> Result<PathBuf, ConfigError> {
-    let exe = std::env::current_exe().map_err(ConfigError::WorkerBin)?;
-    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    Ok(dir.join("tether-worker"))
+    std::env::current_exe().map_err(ConfigError::WorkerBin)
 }
 
 fn ms(flags: &Flags, name: &str, env: &str, default: u64) -> Result<Duration, ConfigError> {
@@ -146,9 +151,9 @@ impl Config {
         if window == 0 {
             return Err(ConfigError::EmptyWindow);
         }
-        let worker_bin = match flags.raw("worker-bin", "TETHER_WORKER_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => default_worker_bin()?,
+        let (worker_bin, worker_args) = match flags.raw("worker-bin", "TETHER_WORKER_BIN") {
+            Some(p) => (PathBuf::from(p), Vec::new()),
+            None => (default_worker_bin()?, vec!["worker".to_string()]),
         };
         let (secret, data_dir) = secret_and_data_dir(flags);
         Ok(Config {
@@ -182,6 +187,7 @@ impl Config {
                 5_000,
             )?,
             worker_bin,
+            worker_args,
             demo: !flags.switch("no-demo")
                 && !matches!(
                     std::env::var("TETHER_DEMO").as_deref(),

@@ -53,6 +53,11 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // `tether worker ...` is a worker process, exec'd by a supervisor:
+    // hand over before anything of the supervisor's runs.
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        return tether_worker::main_with_args(std::env::args().skip(2));
+    }
     let flags = match Flags::parse(std::env::args().skip(1), VALUE_OPTIONS, SWITCHES) {
         Ok(f) => f,
         Err(e) => {
@@ -200,7 +205,7 @@ fn serve(flags: &Flags) -> ExitCode {
     }
     let template = WorkerTemplate {
         bin: cfg.worker_bin.clone(),
-        args: Vec::new(),
+        args: cfg.worker_args.clone(),
         env,
     };
     let sup = Supervisor::new(cfg, template, listener.fd.as_fd(), listen_desc, signals);

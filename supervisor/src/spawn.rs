@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -87,7 +88,8 @@ impl WorkerTemplate {
     /// The command for worker `id` (without the fd mappings).
     fn command(&self, id: &str) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(&self.args);
+        // `ps` shows workers as tether-worker, whichever file runs them.
+        cmd.arg0("tether-worker").args(&self.args);
         for var in SCRUBBED_ENV {
             cmd.env_remove(var);
         }

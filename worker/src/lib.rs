@@ -177,7 +177,14 @@ fn init_logging(worker_id: &str) {
 
 /// The `tether-worker` entry point: parse flags, get the socket, run.
 pub fn main() -> ExitCode {
-    let config = match WorkerConfig::from_args(std::env::args().skip(1)) {
+    main_with_args(std::env::args().skip(1))
+}
+
+/// [`main`] with the arguments given (without the program name): how the
+/// `tether` binary runs a worker when the supervisor execs it as
+/// `tether worker`.
+pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> ExitCode {
+    let config = match WorkerConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tether-worker: {e}\nusage: tether-worker --listen ADDR --database-url URL --secret KEY [--worker-id w1] [--drain-ms N] ...");
