@@ -15,6 +15,8 @@ pub const SLOW_DB_MS: u64 = 500;
 
 pub struct DbHealth {
     connected: AtomicBool,
+    /// Whether any probe has finished yet (for the log wording).
+    probed: AtomicBool,
     response_us: AtomicU64,
 }
 
@@ -23,6 +25,7 @@ impl DbHealth {
         DbHealth {
             // Unknown until the first probe: say not ready.
             connected: AtomicBool::new(false),
+            probed: AtomicBool::new(false),
             response_us: AtomicU64::new(0),
         }
     }
@@ -43,11 +46,12 @@ impl DbHealth {
         self.response_us
             .store(took.as_micros() as u64, Ordering::Relaxed);
         let was = self.connected.swap(ok, Ordering::AcqRel);
-        if was != ok {
-            if ok {
-                log::info!("database reachable again ({} ms)", took.as_millis());
-            } else {
-                log::warn!("database unreachable");
+        let first = !self.probed.swap(true, Ordering::AcqRel);
+        if was != ok || (first && !ok) {
+            match (ok, first) {
+                (true, true) => log::info!("database reachable ({} ms)", took.as_millis()),
+                (true, false) => log::info!("database reachable again ({} ms)", took.as_millis()),
+                (false, _) => log::warn!("database unreachable"),
             }
         }
     }
