@@ -13,35 +13,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn tok(user: &str) -> String {
-    token(TEST_SECRET, user)
-}
-
-async fn create(addr: std::net::SocketAddr, creator: &str, members: &[&str]) -> i64 {
-    let r = http(
-        addr,
-        "POST",
-        "/v1/conversations",
-        Some(&tok(creator)),
-        Some(&json!({ "members": members })),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.json()["id"].as_i64().unwrap()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
-async fn metrics_of(addr: std::net::SocketAddr) -> String {
-    http(addr, "GET", "/metrics", None, None).await.body
-}
-
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -148,7 +119,7 @@ async fn database_down_and_back_loses_nothing() {
     let db = TestDb::new_async().await;
     let mut w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let pid = w.pid();
-    let c = create(w.addr(), "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let mut bob = WsClient::connect(&w.ws_url(), &tok("bob")).await.unwrap();
     bob.read_until_synced(T).await;
 
@@ -250,7 +221,7 @@ async fn database_down_and_back_loses_nothing() {
 async fn worker_killed_mid_commit_keeps_every_acknowledged_send() {
     let db = TestDb::new_async().await;
     let mut w1 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(w1.addr(), "alice", &["bob"]).await;
+    let c = create_conversation(w1.addr(), "alice", &["bob"]).await;
     let ids: Vec<String> = (0..600).map(|i| format!("k{i:04}")).collect();
 
     // Phase 1: stream sends at w1 and SIGKILL it after 200 acks.
@@ -335,7 +306,7 @@ async fn worker_killed_mid_commit_keeps_every_acknowledged_send() {
 async fn a_client_that_stops_reading_is_cut_with_1013_and_replays_later() {
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--outbound-queue", "512"], &[]);
-    let c = create(w.addr(), "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let mut bob = WsClient::connect(&w.ws_url(), &tok("bob")).await.unwrap();
     bob.read_until_synced(T).await;
     let rss_before = rss_kib(w.pid());
@@ -415,7 +386,7 @@ async fn every_limit_is_enforced_and_configurable() {
         ],
         &[],
     );
-    let c = create(w.addr(), "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let path = format!("/v1/conversations/{c}/messages");
 
     // Message body size: WebSocket error and HTTP 413.
@@ -568,7 +539,7 @@ async fn hostile_input_never_crashes_a_worker_and_tokens_stay_out_of_logs() {
     use base64::Engine;
     let db = TestDb::new_async().await;
     let mut w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[("RUST_LOG", "debug")]);
-    let c = create(w.addr(), "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     // HS256 over any header and payload, for algorithm-confusion cases.
     let sign = |h: &str, p: &str, key: &str| -> String {
@@ -760,7 +731,7 @@ async fn metrics_counters_move() {
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let before = metrics_of(w.addr()).await;
     assert!(before.contains("# TYPE tether_commit_seconds histogram"));
-    let c = create(w.addr(), "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let mut bob = WsClient::connect(&w.ws_url(), &tok("bob")).await.unwrap();
     bob.read_until_synced(T).await;
     let mut alice = WsClient::connect(&w.ws_url(), &tok("alice")).await.unwrap();

@@ -12,56 +12,13 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn tok(user: &str) -> String {
-    token(TEST_SECRET, user)
-}
-
-async fn create(addr: std::net::SocketAddr, creator: &str, members: &[String]) -> i64 {
-    let r = http(
-        addr,
-        "POST",
-        "/v1/conversations",
-        Some(&tok(creator)),
-        Some(&json!({"members": members})),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.json()["id"].as_i64().unwrap()
-}
-
-/// Reads events until every conversation in `want` reached its seq,
-/// checking per-conversation order and contiguity on the way.
-async fn read_all(
-    ws: &mut WsClient,
-    last: &mut HashMap<i64, i64>,
-    want: &HashMap<i64, i64>,
-    who: &str,
-) {
-    while want
-        .iter()
-        .any(|(c, s)| last.get(c).copied().unwrap_or(0) < *s)
-    {
-        let v = ws
-            .recv_until(T, |v| v["type"] == "event")
-            .await
-            .unwrap_or_else(|| panic!("{who}: stalled at {last:?}, want {want:?}"));
-        let c = v["conversation_id"].as_i64().unwrap();
-        let s = v["seq"].as_i64().unwrap();
-        let l = last.entry(c).or_insert(0);
-        assert!(s <= *l + 1, "{who}: gap in {c}: {s} after {l}");
-        if s == *l + 1 {
-            *l = s;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_cross_workers_in_order_without_gaps() {
     let db = TestDb::new_async().await;
     let w1 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let w2 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
-    let c = create(w1.addr(), "u0", &users[1..]).await;
+    let c = create_conversation(w1.addr(), "u0", &users[1..]).await;
 
     // Clients alternate between the workers; writers too.
     let mut readers = Vec::new();
@@ -98,7 +55,7 @@ async fn events_cross_workers_in_order_without_gaps() {
     for (u, ws) in readers.iter_mut() {
         // Their backlog was seq 1 (conversation.created).
         let mut last = HashMap::from([(c, 1)]);
-        read_all(ws, &mut last, &want, u).await;
+        read_until_seqs(ws, &mut last, &want, u, T).await;
     }
     assert_eq!(
         db.query_i64_async("SELECT count(*) FROM events WHERE type = 'message.created'")
@@ -113,21 +70,12 @@ async fn events_cross_workers_in_order_without_gaps() {
     }
 }
 
-/// The value of a metric line `name{...} v`.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_listen_connection_loses_nothing() {
     let db = TestDb::new_async().await;
     let w1 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
     let w2 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(w1.addr(), "alice", &["bob".to_string()]).await;
+    let c = create_conversation(w1.addr(), "alice", &["bob"]).await;
     // bob reads on w2; alice writes on w1, so everything bob gets came
     // through w2's LISTEN connection or its catch-up reads.
     let mut bob = WsClient::connect(&w2.ws_url(), &tok("bob")).await.unwrap();
@@ -159,7 +107,7 @@ async fn killing_the_listen_connection_loses_nothing() {
             assert!(v["seq"].as_i64().is_some());
         }
         let want: HashMap<i64, i64> = [(c, 1 + 40 * (round + 1))].into();
-        read_all(&mut bob, &mut last, &want, "bob").await;
+        read_until_seqs(&mut bob, &mut last, &want, "bob", T).await;
     }
     // The reconnects happened and were counted.
     let m = http(w2.addr(), "GET", "/metrics", None, None).await.body;

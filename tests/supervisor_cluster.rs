@@ -16,70 +16,11 @@ use support::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn tok(user: &str) -> String {
-    token(TEST_SECRET, user)
-}
-
-async fn create(addr: std::net::SocketAddr, creator: &str, members: &[String]) -> i64 {
-    let r = http(
-        addr,
-        "POST",
-        "/v1/conversations",
-        Some(&tok(creator)),
-        Some(&json!({ "members": members })),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.json()["id"].as_i64().unwrap()
-}
-
 fn worker_of(ws: &WsClient) -> String {
     ws.hello.as_ref().expect("hello")["worker"]
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// `wN` → pid, from the supervisor's `sup: wN pid=P ready` lines.
-fn worker_pids(log: &str) -> HashMap<String, i32> {
-    log.lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("sup: w")? + 5..];
-            let (id, rest) = rest.split_once(" pid=")?;
-            let (pid, rest) = rest.split_once(' ')?;
-            if !rest.starts_with("ready") {
-                return None;
-            }
-            Some((id.to_string(), pid.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Reads events into `last` (highest seq per conversation, dropping
-/// repeats) until every conversation in `want` reached its seq; a gap
-/// fails the test.
-async fn read_until(
-    ws: &mut WsClient,
-    last: &mut HashMap<i64, i64>,
-    want: &HashMap<i64, i64>,
-    who: &str,
-) {
-    while want
-        .iter()
-        .any(|(c, s)| last.get(c).copied().unwrap_or(0) < *s)
-    {
-        let v = ws
-            .recv_until(T, |v| v["type"] == "event")
-            .await
-            .unwrap_or_else(|| panic!("{who}: stalled at {last:?}, want {want:?}"));
-        let c = v["conversation_id"].as_i64().unwrap();
-        let s = v["seq"].as_i64().unwrap();
-        let l = last.entry(c).or_insert(0);
-        assert!(s <= *l + 1, "{who}: gap in {c}: {s} after {l}");
-        if s == *l + 1 {
-            *l = s;
-        }
-    }
 }
 
 /// Opens connections for `users` (round-robin over `urls`) until the
@@ -121,7 +62,7 @@ async fn every_message_reaches_every_member_across_workers_and_instances() {
     .await
     .unwrap();
     let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
-    let c = create(a.addr(), "u0", &users[1..]).await;
+    let c = create_conversation(a.addr(), "u0", &users[1..]).await;
 
     // Readers on both instances, and on both workers of each.
     let urls = [a.ws_url(), b.ws_url()];
@@ -159,7 +100,7 @@ async fn every_message_reaches_every_member_across_workers_and_instances() {
     for (u, ws) in readers.iter_mut() {
         let who = format!("{u} on {}", worker_of(ws));
         let mut last = HashMap::from([(c, 1)]);
-        read_until(ws, &mut last, &want, &who).await;
+        read_until_seqs(ws, &mut last, &want, &who, T).await;
     }
     assert_eq!(
         db.query_i64_async(&format!(
@@ -251,7 +192,7 @@ async fn sigkill_of_a_busy_worker_loses_no_acknowledged_message() {
     let mut convs = Vec::new();
     for k in 0..CONVS {
         let members: Vec<String> = (1..MEMBERS).map(|m| format!("u{k}_{m}")).collect();
-        convs.push(create(addr, &format!("u{k}_0"), &members).await);
+        convs.push(create_conversation(addr, &format!("u{k}_0"), &members).await);
     }
 
     // 200 receivers, one per member; note which worker each landed on.
@@ -288,7 +229,7 @@ async fn sigkill_of_a_busy_worker_loses_no_acknowledged_message() {
         .await,
         "not every receiver got its backlog"
     );
-    let pids = worker_pids(&cluster.log_contents());
+    let pids: HashMap<String, i32> = ready_workers(&cluster.log_contents()).into_iter().collect();
     // /health answers from whichever worker accepts it: ask until both did.
     for _ in 0..200 {
         let h = http(addr, "GET", "/health", None, None).await.json();

@@ -15,25 +15,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn tok(user: &str) -> String {
-    token(TEST_SECRET, user)
-}
-
-/// `(worker id, pid)` of every `sup: wN pid=P ready` line in the log, in order.
-fn ready_workers(log: &str) -> Vec<(String, i32)> {
-    log.lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("sup: w")? + 5..];
-            let (id, rest) = rest.split_once(" pid=")?;
-            let (pid, rest) = rest.split_once(' ')?;
-            if !rest.starts_with("ready") {
-                return None;
-            }
-            Some((id.to_string(), pid.parse().ok()?))
-        })
-        .collect()
-}
-
 fn alive(pid: i32) -> bool {
     // A zombie still has a /proc entry: look at its state too.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

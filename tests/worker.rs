@@ -14,24 +14,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(20);
 
-fn tok(user: &str) -> String {
-    token(TEST_SECRET, user)
-}
-
-/// Creates a conversation as `creator` with `members`; returns its id.
-async fn create(w: &WorkerProc, creator: &str, members: &[&str]) -> i64 {
-    let r = http(
-        w.addr(),
-        "POST",
-        "/v1/conversations",
-        Some(&tok(creator)),
-        Some(&json!({"members": members, "title": "t"})),
-    )
-    .await;
-    assert_eq!(r.status, 201, "create: {}", r.body);
-    r.json()["id"].as_i64().unwrap()
-}
-
 /// Connects `user` and reads through `synced`; returns the client and the
 /// backlog's events.
 async fn connect(w: &WorkerProc, user: &str) -> (WsClient, Vec<Value>) {
@@ -57,7 +39,7 @@ fn seqs(events: &[Value]) -> Vec<i64> {
 async fn live_delivery_over_websocket_and_http() {
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(&w, "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
 
     let (mut alice, _) = connect(&w, "alice").await;
     let (mut bob, backlog) = connect(&w, "bob").await;
@@ -119,7 +101,7 @@ async fn live_delivery_over_websocket_and_http() {
     );
 
     // A connected user added to a conversation receives it live from the join on.
-    let c2 = create(&w, "alice", &[]).await;
+    let c2 = create_conversation::<&str>(w.addr(), "alice", &[]).await;
     let r = http(
         w.addr(),
         "POST",
@@ -184,7 +166,7 @@ async fn live_delivery_over_websocket_and_http() {
 async fn offline_queue_then_cursor_resume() {
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(&w, "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let (mut alice, _) = connect(&w, "alice").await;
     for i in 0..100 {
         alice
@@ -278,7 +260,7 @@ async fn concurrent_writers_and_reconnecting_readers_see_every_seq_once() {
     let mut members: Vec<String> = (0..WRITERS).map(|i| format!("writer{i}")).collect();
     members.extend((0..READERS).map(|i| format!("reader{i}")));
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
-    let c = create(&w, "owner", &member_refs).await;
+    let c = create_conversation(w.addr(), "owner", &member_refs).await;
     let last_seq = total + 1; // seq 1 is conversation.created
 
     let mut readers = Vec::new();
@@ -373,7 +355,7 @@ async fn concurrent_writers_and_reconnecting_readers_see_every_seq_once() {
 async fn same_client_msg_id_twice_makes_one_event() {
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(&w, "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let path = format!("/v1/conversations/{c}/messages");
     let body = json!({"body":"once","client_msg_id":"dup-1"});
     let first = http(w.addr(), "POST", &path, Some(&tok("alice")), Some(&body)).await;
@@ -420,7 +402,7 @@ async fn bad_tokens_get_401_and_non_members_see_nothing() {
     use base64::Engine;
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(&w, "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     let alg_none = format!(
         "{}.{}.",
@@ -538,7 +520,7 @@ async fn bad_tokens_get_401_and_non_members_see_nothing() {
 async fn bad_frames_get_errors_and_change_nothing() {
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(&w, "alice", &["bob"]).await;
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
     let (mut alice, _) = connect(&w, "alice").await;
     let (mut bob, _) = connect(&w, "bob").await;
     let bad: Vec<(Message, &str)> = vec![
@@ -644,7 +626,7 @@ async fn bad_frames_get_errors_and_change_nothing() {
 async fn keyset_pages_stay_consistent_while_events_arrive() {
     let db = TestDb::new_async().await;
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
-    let c = create(&w, "alice", &[]).await;
+    let c = create_conversation::<&str>(w.addr(), "alice", &[]).await;
     let a = tok("alice");
     let send = |i: usize| {
         let a = a.clone();

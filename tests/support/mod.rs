@@ -1283,3 +1283,89 @@ impl WsClient {
         self.closed
     }
 }
+
+// ---------------------------------------------------------------------------
+// Helpers the end-to-end test files share
+
+/// A token for `user` signed with [`TEST_SECRET`].
+pub fn tok(user: &str) -> String {
+    token(TEST_SECRET, user)
+}
+
+/// Creates a conversation as `creator` with `members` (over HTTP); returns
+/// its id. Panics unless the answer is 201.
+pub async fn create_conversation<S: AsRef<str>>(
+    addr: SocketAddr,
+    creator: &str,
+    members: &[S],
+) -> i64 {
+    let members: Vec<&str> = members.iter().map(AsRef::as_ref).collect();
+    let r = http(
+        addr,
+        "POST",
+        "/v1/conversations",
+        Some(&tok(creator)),
+        Some(&serde_json::json!({ "members": members, "title": "t" })),
+    )
+    .await;
+    assert_eq!(r.status, 201, "create: {}", r.body);
+    r.json()["id"].as_i64().unwrap()
+}
+
+/// A worker's `/metrics` text.
+pub async fn metrics_of(addr: SocketAddr) -> String {
+    http(addr, "GET", "/metrics", None, None).await.body
+}
+
+/// The value of the metric line `name{...} v` in `text`.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+/// Reads events into `last` (highest seq per conversation, dropping
+/// repeats) until every conversation in `want` reached its seq; a gap or a
+/// stall fails the test.
+pub async fn read_until_seqs(
+    ws: &mut WsClient,
+    last: &mut std::collections::HashMap<i64, i64>,
+    want: &std::collections::HashMap<i64, i64>,
+    who: &str,
+    timeout: Duration,
+) {
+    while want
+        .iter()
+        .any(|(c, s)| last.get(c).copied().unwrap_or(0) < *s)
+    {
+        let v = ws
+            .recv_until(timeout, |v| v["type"] == "event")
+            .await
+            .unwrap_or_else(|| panic!("{who}: stalled at {last:?}, want {want:?}"));
+        let c = v["conversation_id"].as_i64().unwrap();
+        let s = v["seq"].as_i64().unwrap();
+        let l = last.entry(c).or_insert(0);
+        assert!(s <= *l + 1, "{who}: gap in {c}: {s} after {l}");
+        if s == *l + 1 {
+            *l = s;
+        }
+    }
+}
+
+/// `(worker id, pid)` of every `sup: wN pid=P ready` line of a supervisor
+/// log, in order.
+pub fn ready_workers(log: &str) -> Vec<(String, i32)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("sup: w")? + 5..];
+            let (id, rest) = rest.split_once(" pid=")?;
+            let (pid, rest) = rest.split_once(' ')?;
+            if !rest.starts_with("ready") {
+                return None;
+            }
+            Some((id.to_string(), pid.parse().ok()?))
+        })
+        .collect()
+}
