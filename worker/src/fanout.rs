@@ -19,7 +19,8 @@
 //! memberships with each conversation's `last_seq` L, subscribes with L,
 //! and then replays its backlog up to exactly L. The dispatcher delivers it
 //! everything after `upto`; if `upto` is already past L it first sends the
-//! missing (L, upto] from a small ring of recent frames, or tells the
+//! missing (L, upto] from the worker's shared cache of recent frames
+//! ([`RecentFrames`], which every delivered frame enters), or tells the
 //! connection to read that range itself ([`ConnMsg::Backfill`]). The
 //! connection drops anything at or below what it already sent.
 //!
@@ -29,7 +30,7 @@
 use crate::metrics::Metrics;
 use crate::recent::RecentFrames;
 use postgres::fallible_iterator::FallibleIterator;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,8 +44,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 /// Identifies one WebSocket connection in this worker.
 pub type ConnId = u64;
 
-/// Recent frames kept per conversation for subscribers that are behind.
-const RING: usize = 256;
 /// Events read per conversation per catch-up query.
 const FETCH_LIMIT: i64 = 2000;
 /// Out-of-order events held per conversation while a gap is read.
@@ -216,7 +215,6 @@ struct Conv {
     /// Highest seq delivered to subscribers.
     upto: i64,
     subs: Vec<ConnId>,
-    ring: VecDeque<Arc<Frame>>,
     pending: BTreeMap<i64, Arc<Frame>>,
     fetching: bool,
     refetch: bool,
@@ -316,7 +314,6 @@ impl State {
         self.convs.entry(c).or_insert_with(|| Conv {
             upto,
             subs: Vec::new(),
-            ring: VecDeque::new(),
             pending: BTreeMap::new(),
             fetching: false,
             refetch: false,
@@ -333,19 +330,18 @@ impl State {
         let tx = conn.tx.clone();
         let conv = self.follow(c, pos);
         conv.subs.push(id);
-        if conv.upto > pos {
+        let upto = conv.upto;
+        if upto > pos {
             // The connection is behind what we already delivered.
-            let from_ring = conv.ring.front().is_some_and(|f| f.seq <= pos + 1);
-            let ok = if from_ring {
-                conv.ring
-                    .iter()
-                    .filter(|f| f.seq > pos)
-                    .all(|f| tx.try_send(ConnMsg::Event(f.clone())).is_ok())
+            let ok = if let Some(frames) = self.recent.get(c, pos, upto) {
+                frames
+                    .into_iter()
+                    .all(|f| tx.try_send(ConnMsg::Event(f)).is_ok())
             } else {
                 tx.try_send(ConnMsg::Backfill {
                     conversation_id: c,
                     after: pos,
-                    upto: conv.upto,
+                    upto,
                 })
                 .is_ok()
             };
@@ -481,10 +477,6 @@ impl State {
             return;
         };
         conv.upto = f.seq;
-        if conv.ring.len() == RING {
-            conv.ring.pop_front();
-        }
-        conv.ring.push_back(f.clone());
         self.recent.put(c, std::slice::from_ref(&f));
         let mut slow = Vec::new();
         for id in &conv.subs {
