@@ -15,7 +15,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     -- lock (SELECT ... FOR UPDATE) before assigning seqs, so seqs are gap-free
     -- and commit in seq order: a reader resuming "after seq N" never skips a
     -- late commit, unlike a global sequence would allow.
-    last_seq    bigint      NOT NULL DEFAULT 0
+    last_seq    bigint      NOT NULL DEFAULT 0,
+    -- Who reads the history from before they joined: 'since_join' (members
+    -- see the conversation from their own member.joined on) or 'shared'.
+    history     text        NOT NULL DEFAULT 'since_join'
+                CHECK (history IN ('since_join', 'shared'))
 );
 
 CREATE TABLE IF NOT EXISTS members (
@@ -26,8 +30,33 @@ CREATE TABLE IF NOT EXISTS members (
     cursor_seq      bigint      NOT NULL DEFAULT 0,
     joined_seq      bigint      NOT NULL DEFAULT 0,
     joined_at       timestamptz NOT NULL DEFAULT now(),
+    -- 'owner' (the creator, then a successor), 'admin' or 'member'.
+    role            text        NOT NULL DEFAULT 'member'
+                    CHECK (role IN ('owner', 'admin', 'member')),
     PRIMARY KEY (conversation_id, user_id)
 );
+
+-- Databases made before roles and history visibility: add the columns
+-- once, and make each conversation's creator its owner.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema()
+                     AND table_name = 'conversations' AND column_name = 'history') THEN
+        ALTER TABLE conversations ADD COLUMN history text NOT NULL DEFAULT 'since_join'
+            CHECK (history IN ('since_join', 'shared'));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema()
+                     AND table_name = 'members' AND column_name = 'role') THEN
+        ALTER TABLE members ADD COLUMN role text NOT NULL DEFAULT 'member'
+            CHECK (role IN ('owner', 'admin', 'member'));
+        UPDATE members m SET role = 'owner'
+            FROM conversations c
+            WHERE m.conversation_id = c.id AND m.user_id = c.created_by;
+    END IF;
+END
+$$;
 
 -- "Which conversations is this user in": the backlog replay on connect and
 -- the conversation list both start here.

@@ -12,6 +12,7 @@ pub const EVENT_CONVERSATION_CREATED: &str = "conversation.created";
 pub const EVENT_MEMBER_JOINED: &str = "member.joined";
 pub const EVENT_MEMBER_LEFT: &str = "member.left";
 pub const EVENT_MESSAGE_CREATED: &str = "message.created";
+pub const EVENT_MEMBER_ROLE: &str = "member.role";
 
 /// Longest `client_msg_id` accepted (bytes).
 pub const MAX_CLIENT_MSG_ID: usize = 128;
@@ -36,9 +37,13 @@ pub struct Event {
     /// message.created: the sender's idempotency key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_msg_id: Option<String>,
-    /// member.joined / member.left: the user who joined or left.
+    /// member.joined / member.left / member.role: the user who joined,
+    /// left, or whose role changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// member.role: the user's new role (`owner`, `admin`, `member`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// conversation.created: the title.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
@@ -326,6 +331,7 @@ mod tests {
             body: Some("hi".into()),
             client_msg_id: Some("m".into()),
             user: None,
+            role: None,
             title: None,
             members: None,
         };

@@ -4,6 +4,7 @@
 //! - [`config`]: flags that fall back to environment variables;
 //! - [`auth`]: HS256 tokens (issue and verify);
 //! - [`frames`]: the WebSocket and HTTP wire types of the contract;
+//! - [`error_code`]: the contract's error codes, and a store error's code;
 //! - [`control`]: the supervisor ↔ worker interface (inherited fds, control lines);
 //! - [`store`]: the PostgreSQL event log (schema, write path, reads);
 //! - [`pgcluster`]: a private PostgreSQL cluster, for tests and dev mode.
@@ -11,6 +12,7 @@
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod error_code;
 pub mod frames;
 pub mod pgcluster;
 pub mod store;

@@ -9,13 +9,16 @@
 //! commits, the next one fills, so throughput grows with load instead of
 //! being capped at one fsync per message.
 
-use crate::fanout::{Dispatcher, Frame};
+use crate::fanout::Dispatcher;
+use crate::frame::Frame;
 use crate::metrics::Metrics;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use tether_shared::store::{self, AppendStatements, Appended, DbSettings, NewMessage, StoreError};
+use tether_shared::store::{
+    self, AppendStatements, Appended, DbSettings, NewMessage, NoticeKey, StoreError,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a send's result goes.
@@ -60,6 +63,7 @@ impl Committer {
     /// Starts `lanes` commit threads.
     pub fn start(
         settings: DbSettings,
+        key: NoticeKey,
         lanes: usize,
         max_batch: usize,
         dispatcher: Dispatcher,
@@ -72,13 +76,16 @@ impl Committer {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             senders.push(tx);
             let settings = settings.clone();
+            let key = key.clone();
             let dispatcher = dispatcher.clone();
             let metrics = metrics.clone();
             let pending = pending.clone();
             thread::Builder::new()
                 .name(format!("{worker_id}-commit{lane}"))
                 .spawn(move || {
-                    lane_loop(lane, rx, settings, max_batch, dispatcher, metrics, pending)
+                    lane_loop(
+                        lane, rx, settings, key, max_batch, dispatcher, metrics, pending,
+                    )
                 })
                 .expect("spawning a commit lane thread");
         }
@@ -135,10 +142,12 @@ fn reply(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn lane_loop(
     lane: usize,
     mut rx: mpsc::Receiver<SendRequest>,
     settings: DbSettings,
+    key: NoticeKey,
     max_batch: usize,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
@@ -168,7 +177,7 @@ fn lane_loop(
                 }
             }
             match settings.connect().and_then(|mut c| {
-                let stmts = AppendStatements::prepare(&mut c)?;
+                let stmts = AppendStatements::prepare(&mut c, &key)?;
                 Ok((c, stmts))
             }) {
                 Ok(c) => {
@@ -241,7 +250,7 @@ fn commit_batch(
         .events_committed
         .fetch_add(outcome.new_events.len() as u64, Ordering::Relaxed);
     if !outcome.new_events.is_empty() {
-        dispatcher.local(
+        dispatcher.local_blocking(
             outcome
                 .new_events
                 .iter()

@@ -5,9 +5,8 @@
 //! status; 429 and 503 carry `Retry-After` (and `retry_after` in the body).
 
 use crate::commit::{ReplyTo, SendRequest};
-use crate::fanout::Frame;
 use crate::phase::Phase;
-use crate::{ws, App};
+use crate::{members, ws, App};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -21,7 +20,8 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tether_shared::auth::{self, valid_user_id};
+use tether_shared::auth;
+use tether_shared::error_code::StoreFailure;
 use tether_shared::frames::{http_error_body, validate_client_msg_id};
 use tether_shared::store::{self, NewMessage, StoreError};
 use tokio::net::TcpListener;
@@ -126,32 +126,18 @@ fn retry_response(status: StatusCode, code: &str, message: &str, secs: u64) -> R
     r
 }
 
-/// The response for a store error.
+/// The response for a store error (the mapping is
+/// [`StoreFailure`]'s, shared with the WebSocket).
 pub fn store_error_response(e: &StoreError) -> Response<Body> {
-    match e {
-        StoreError::Unavailable(_) => retry_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            "the database is unavailable; nothing was written, retry later",
-            1,
-        ),
-        StoreError::NotFound(_) => {
-            error_response(StatusCode::NOT_FOUND, "not_found", &e.to_string())
-        }
-        StoreError::NotMember { .. } => {
-            error_response(StatusCode::NOT_FOUND, "not_found", &e.to_string())
-        }
-        StoreError::Invalid(m) => {
-            error_response(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", m)
-        }
-        StoreError::Internal(m) => {
-            log::error!("internal error: {m}");
-            error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            )
-        }
+    if let StoreError::Internal(m) = e {
+        log::error!("internal error: {m}");
+    }
+    let f = StoreFailure::from(e);
+    let status =
+        StatusCode::from_u16(f.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match f.retry_after {
+        Some(secs) => retry_response(status, f.code.as_str(), &f.message, secs),
+        None => error_response(status, f.code.as_str(), &f.message),
     }
 }
 
@@ -248,16 +234,20 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().map(str::to_owned);
     let conv = |s: &str| s.parse::<i64>().ok().filter(|c| *c > 0);
     match (method, segments.as_slice()) {
-        (Method::POST, ["v1", "conversations"]) => create_conversation(app, user, req).await,
+        (Method::POST, ["v1", "conversations"]) => members::create(app, user, req).await,
         (Method::GET, ["v1", "conversations"]) => {
             list_conversations(app, user, query.as_deref()).await
         }
         (Method::POST, ["v1", "conversations", id, "members"]) => match conv(id) {
-            Some(c) => add_member(app, user, c, req).await,
+            Some(c) => members::add(app, user, c, req).await,
             None => unknown_conversation(id),
         },
         (Method::DELETE, ["v1", "conversations", id, "members", member]) => match conv(id) {
-            Some(c) => remove_member(app, user, c, percent_decode(member)).await,
+            Some(c) => members::remove(app, user, c, percent_decode(member)).await,
+            None => unknown_conversation(id),
+        },
+        (Method::PATCH, ["v1", "conversations", id, "members", member]) => match conv(id) {
+            Some(c) => members::set_role(app, user, c, percent_decode(member), req).await,
             None => unknown_conversation(id),
         },
         (Method::POST, ["v1", "conversations", id, "messages"]) => match conv(id) {
@@ -289,7 +279,7 @@ fn unknown_conversation(id: &str) -> Response<Body> {
 
 /// Reads a JSON object body: 413 past the limit, 400 if not JSON or not
 /// an object.
-async fn read_json(
+pub(crate) async fn read_json(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<serde_json::Map<String, Value>, Response<Body>> {
@@ -342,141 +332,8 @@ async fn read_json(
     }
 }
 
-fn invalid(message: &str) -> Response<Body> {
+pub(crate) fn invalid(message: &str) -> Response<Body> {
     error_response(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
-}
-
-async fn create_conversation(
-    app: Arc<App>,
-    user: Arc<str>,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let body = match read_json(&app, req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let members: Vec<String> = match body.get("members") {
-        None | Some(Value::Null) => vec![],
-        Some(Value::Array(a)) => {
-            let mut out = Vec::with_capacity(a.len());
-            for m in a {
-                match m.as_str() {
-                    Some(s) if valid_user_id(s) => out.push(s.to_string()),
-                    _ => {
-                        return invalid("members must be user ids (1-64 chars of [A-Za-z0-9_.@-])")
-                    }
-                }
-            }
-            out
-        }
-        Some(_) => return invalid("members must be an array of user ids"),
-    };
-    if members.len() > store::MAX_INITIAL_MEMBERS {
-        return invalid("too many members");
-    }
-    let title = match body.get("title") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) if s.chars().count() <= 200 && !s.contains('\0') => s.clone(),
-        Some(_) => return invalid("title must be a string of at most 200 characters without NUL"),
-    };
-    let creator = user.to_string();
-    let result = app
-        .db_write(move |c| store::create_conversation(c, &creator, &title, &members))
-        .await;
-    match result {
-        Ok(change) => {
-            let Some(event) = change.event else {
-                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no event");
-            };
-            log::info!("user={user} conversation={} created", event.conversation_id);
-            let body = json!({
-                "id": event.conversation_id,
-                "title": event.title,
-                "members": event.members,
-                "seq": event.seq,
-            })
-            .to_string();
-            app.dispatcher
-                .local(vec![Arc::new(Frame::from_event(&event, Instant::now()))]);
-            json_response(StatusCode::CREATED, body)
-        }
-        Err(e) => store_error_response(&e),
-    }
-}
-
-async fn add_member(
-    app: Arc<App>,
-    user: Arc<str>,
-    conversation_id: i64,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let body = match read_json(&app, req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let member = match body.get("user").and_then(Value::as_str) {
-        Some(u) if valid_user_id(u) => u.to_string(),
-        _ => return invalid("user must be a user id (1-64 chars of [A-Za-z0-9_.@-])"),
-    };
-    let actor = user.to_string();
-    let m = member.clone();
-    match app
-        .db_write(move |c| store::add_member(c, &actor, conversation_id, &m))
-        .await
-    {
-        Ok(change) => match change.event {
-            Some(event) => {
-                log::info!(
-                    "user={user} conversation={conversation_id} seq={} added {member}",
-                    event.seq
-                );
-                let body = json!({"conversation_id": conversation_id, "user": member, "added": true, "seq": event.seq}).to_string();
-                app.dispatcher
-                    .local(vec![Arc::new(Frame::from_event(&event, Instant::now()))]);
-                json_response(StatusCode::OK, body)
-            }
-            None => json_response(
-                StatusCode::OK,
-                json!({"conversation_id": conversation_id, "user": member, "added": false})
-                    .to_string(),
-            ),
-        },
-        Err(e) => store_error_response(&e),
-    }
-}
-
-async fn remove_member(
-    app: Arc<App>,
-    user: Arc<str>,
-    conversation_id: i64,
-    member: String,
-) -> Response<Body> {
-    if !valid_user_id(&member) {
-        return error_response(StatusCode::NOT_FOUND, "not_found", "no such member");
-    }
-    let actor = user.to_string();
-    let m = member.clone();
-    match app
-        .db_write(move |c| store::remove_member(c, &actor, conversation_id, &m))
-        .await
-    {
-        Ok(change) => {
-            let seq = change.event.as_ref().map(|e| e.seq);
-            if let Some(event) = change.event {
-                log::info!(
-                    "user={user} conversation={conversation_id} seq={} removed {member}",
-                    event.seq
-                );
-                app.dispatcher
-                    .local(vec![Arc::new(Frame::from_event(&event, Instant::now()))]);
-            }
-            json_response(
-                StatusCode::OK,
-                json!({"conversation_id": conversation_id, "user": member, "removed": true, "seq": seq}).to_string(),
-            )
-        }
-        Err(e) => store_error_response(&e),
-    }
 }
 
 /// Validates a message body against the size limit: `Err` is the
@@ -679,14 +536,15 @@ fn health(app: &App) -> Response<Body> {
     let db_ok = app.health.connected();
     let ms = app.health.response_ms();
     let cluster = app.cluster.get();
-    let status = if !db_ok {
+    let fanout_ok = app.dispatcher.listener_alive();
+    let status = if !db_ok || !fanout_ok {
         "unhealthy"
     } else if cluster.alive < cluster.configured || ms > crate::health::SLOW_DB_MS as f64 {
         "degraded"
     } else {
         "healthy"
     };
-    let code = if db_ok {
+    let code = if db_ok && fanout_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -696,6 +554,7 @@ fn health(app: &App) -> Response<Body> {
         json!({
             "status": status,
             "database": {"connected": db_ok, "response_ms": ms},
+            "fanout": {"listening": fanout_ok},
             "workers": {
                 "configured": cluster.configured,
                 "alive": cluster.alive,
@@ -712,7 +571,8 @@ fn health(app: &App) -> Response<Body> {
 fn ready(app: &App) -> Response<Body> {
     let db_ok = app.health.connected();
     let serving = app.phase.get() == Phase::Serving;
-    let ready = db_ok && serving;
+    let fanout_ok = app.dispatcher.listener_alive();
+    let ready = db_ok && serving && fanout_ok;
     json_response(
         if ready {
             StatusCode::OK
@@ -722,7 +582,7 @@ fn ready(app: &App) -> Response<Body> {
         json!({
             "ready": ready,
             "worker": app.config.worker_id,
-            "checks": {"database": db_ok, "draining": !serving},
+            "checks": {"database": db_ok, "draining": !serving, "fanout": fanout_ok},
         })
         .to_string(),
     )

@@ -9,7 +9,12 @@
 //! - [`config`]: flags and environment;
 //! - [`phase`]: serving / draining, read by `/ready` and every connection;
 //! - [`commit`]: group commit lanes (the write path);
-//! - [`fanout`]: the dispatcher (local + LISTEN/NOTIFY fan-out, gap repair);
+//! - [`frame`]: one committed event as delivered (serialized once, shared);
+//! - [`dispatch`]: the dispatcher's rules, a pure state machine (order,
+//!   gaps, membership);
+//! - [`fanout`]: the dispatcher's shell (inbox, queues, log reads, the
+//!   supervised LISTEN thread);
+//! - [`sequencer`]: what one connection may write (order, membership);
 //! - [`http`]: the REST API, `/health`, `/ready`, `/metrics`, the upgrade;
 //! - [`ws`]: one WebSocket connection (backlog, synced, live, sends, acks);
 //! - [`cursors`]: coalesced cursor writes;
@@ -29,13 +34,17 @@ pub mod config;
 pub mod control;
 pub mod cursors;
 pub mod demo;
+pub mod dispatch;
 pub mod fanout;
+pub mod frame;
 pub mod health;
 pub mod http;
+pub mod members;
 pub mod metrics;
 pub mod phase;
 pub mod ratelimit;
 pub mod recent;
+pub mod sequencer;
 pub mod socket;
 pub mod ws;
 
@@ -53,13 +62,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tether_shared::auth::Secret;
-use tether_shared::store::{self, DbSettings, Pool};
+use tether_shared::store::{self, DbSettings, NoticeKey, Pool};
 use tokio::net::TcpListener;
 
 /// Everything a request or connection handler needs, shared by `Arc`.
 pub struct App {
     pub config: WorkerConfig,
     pub secret: Secret,
+    /// Authenticates the notifications this worker sends.
+    pub notice_key: NoticeKey,
     pub pool: Pool,
     pub committer: Committer,
     pub dispatcher: Dispatcher,
@@ -251,15 +262,22 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(DbHealth::new());
     let recent = Arc::new(recent::RecentFrames::new());
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("TETHER_FAULT_NO_RECENT_CACHE").is_some() {
+        recent.disable();
+    }
+    let key = NoticeKey::derive(config.secret.as_bytes());
     let dispatcher = Dispatcher::start(
         recent.clone(),
         pool.clone(),
         settings.named(&format!("tether-listen {worker}")),
+        key.clone(),
         metrics.clone(),
         &worker,
     );
     let committer = Committer::start(
         settings.named(&format!("tether-commit {worker}")),
+        key.clone(),
         config.commit_lanes,
         config.max_batch,
         dispatcher.clone(),
@@ -269,6 +287,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     let cursors = CursorWriter::start(pool.clone());
     let rate = RateLimiter::new(config.rate_limit, config.rate_burst);
     let app = Arc::new(App {
+        notice_key: key,
         secret: Secret::new(config.secret.clone().into_bytes()),
         config,
         pool,
@@ -309,6 +328,16 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
 
     // The control socket to the supervisor, when there is one.
     let control = control::attach(app.clone());
+
+    // A worker never serves without cross-worker fan-out: if the LISTEN
+    // thread stops for good, drain and exit (non-zero) to be replaced.
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.dispatcher.listener_lost().await;
+            app.phase.start_draining(ShutdownReason::FanoutLost);
+        });
+    }
 
     // Signals: SIGTERM/SIGINT drain.
     {
@@ -358,6 +387,10 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     let left = app.live_conns.load(Ordering::Acquire);
     if left > 0 {
         log::warn!("drain time over with {left} connections still open");
+    }
+    if app.phase.reason() == Some(ShutdownReason::FanoutLost) {
+        log::error!("exiting: cross-worker fan-out was lost");
+        return 1;
     }
     log::info!("drained, exiting");
     0

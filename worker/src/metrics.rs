@@ -72,6 +72,7 @@ pub struct Metrics {
     pub deliveries: AtomicU64,
     pub catchup_reads: AtomicU64,
     pub listener_reconnects: AtomicU64,
+    pub notifications_unauthenticated: AtomicU64,
     pub slow_client_closes: AtomicU64,
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -97,6 +98,7 @@ impl Metrics {
             deliveries: AtomicU64::new(0),
             catchup_reads: AtomicU64::new(0),
             listener_reconnects: AtomicU64::new(0),
+            notifications_unauthenticated: AtomicU64::new(0),
             slow_client_closes: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
@@ -114,7 +116,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 15] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 16] = [
             (
                 "tether_connections_open",
                 "Open WebSocket connections.",
@@ -173,6 +175,12 @@ impl Metrics {
                 "tether_listener_reconnects_total",
                 "Times the LISTEN connection was re-established.",
                 &self.listener_reconnects,
+                "counter",
+            ),
+            (
+                "tether_notifications_unauthenticated_total",
+                "Notifications without a valid MAC (used only as hints to read the log).",
+                &self.notifications_unauthenticated,
                 "counter",
             ),
             (

@@ -21,12 +21,16 @@ pub enum ShutdownReason {
     Signal,
     /// The supervisor's control socket closed: our supervisor is gone.
     SupervisorGone,
+    /// The LISTEN thread stopped for good: without it this worker would
+    /// miss other workers' events, so it goes and is replaced.
+    FanoutLost,
 }
 
 /// Shared phase: an atomic for cheap reads and a watch for waiting.
 pub struct PhaseCell {
     value: AtomicU8,
     tx: watch::Sender<Phase>,
+    reason: std::sync::Mutex<Option<ShutdownReason>>,
 }
 
 impl PhaseCell {
@@ -34,6 +38,7 @@ impl PhaseCell {
         PhaseCell {
             value: AtomicU8::new(0),
             tx: watch::channel(Phase::Serving).0,
+            reason: std::sync::Mutex::new(None),
         }
     }
 
@@ -50,8 +55,14 @@ impl PhaseCell {
             return false;
         }
         log::info!("draining ({reason:?})");
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
         self.tx.send_replace(Phase::Draining);
         true
+    }
+
+    /// Why the worker is draining, once it is.
+    pub fn reason(&self) -> Option<ShutdownReason> {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A receiver that changes when draining starts.

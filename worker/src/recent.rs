@@ -8,7 +8,7 @@
 //! frames (at most [`MAX_PER_CONVERSATION`]); the whole cache is bounded by
 //! [`MAX_FRAMES`], evicting the conversations used longest ago.
 
-use crate::fanout::Frame;
+use crate::frame::Frame;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -42,6 +42,9 @@ struct Inner {
 #[derive(Default)]
 pub struct RecentFrames {
     inner: Mutex<Inner>,
+    /// Test-only (fault injection): answer nothing, so every replay takes
+    /// the log-reading path.
+    disabled: std::sync::atomic::AtomicBool,
 }
 
 impl RecentFrames {
@@ -49,8 +52,17 @@ impl RecentFrames {
         RecentFrames::default()
     }
 
+    /// Answer nothing from now on (fault injection: forces log reads).
+    pub fn disable(&self) {
+        self.disabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The frames of (after, upto] of a conversation, if all are held.
     pub fn get(&self, conversation_id: i64, after: i64, upto: i64) -> Option<Vec<Arc<Frame>>> {
+        if self.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         if upto <= after {
             return Some(Vec::new());
         }
@@ -139,7 +151,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fanout::MembershipChange;
+    use crate::frame::MembershipChange;
     use std::time::Instant;
 
     fn frames(c: i64, seqs: std::ops::RangeInclusive<i64>) -> Vec<Arc<Frame>> {

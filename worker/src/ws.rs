@@ -2,28 +2,38 @@
 //! backlog, `synced`, then live events, sends and acks until either side
 //! closes or the worker drains.
 //!
-//! Per conversation the connection remembers `last`, the highest seq it has
-//! written to the socket, and writes only `last + 1`: duplicates from the
-//! backlog/live overlap are dropped, and a gap (which the dispatcher should
-//! never produce) is repaired from the event log rather than passed on.
+//! Every event the connection writes, on every path (backlog, cache,
+//! repair, live), goes through its [`Sequencer`]: only `last + 1` is
+//! written, duplicates from the backlog/live overlap are dropped, a gap is
+//! repaired from the event log rather than passed on, and nothing of a
+//! conversation is written after the user's own `member.left` (until they
+//! join again).
+//!
+//! Waiting (the database is down during the backlog or a repair) is
+//! bounded by the client and the worker: a wait ends when the client
+//! closes or the worker drains. Frames the client sends while a repair
+//! waits are kept (a few) and handled after it.
 
 use crate::commit::{ConnReply, ReplyTo, SendRequest};
-use crate::fanout::{ConnMsg, Frame, MembershipChange};
+use crate::fanout::ConnMsg;
+use crate::frame::Frame;
 use crate::http::{
     authenticate, bearer, check_body, error_response, json_response, query_param, Body,
 };
 use crate::phase::Phase;
+use crate::sequencer::{Sequencer, Verdict};
 use crate::App;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_shared::frames::{server, ClientFrame, Event};
+use tether_shared::error_code::StoreFailure;
+use tether_shared::frames::{server, ClientFrame};
 use tether_shared::store::{self, NewMessage, StoreError};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -137,13 +147,8 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     r
 }
 
-/// Where the connection stands in one conversation.
-struct Position {
-    /// Highest seq written to the socket (or the cursor before any).
-    last: i64,
-    /// False once the user left; only their re-joining re-activates it.
-    active: bool,
-}
+/// Client frames kept while a repair waits for the database.
+const MAX_DEFERRED: usize = 64;
 
 /// How a connection ended, for the close frame.
 enum End {
@@ -164,7 +169,10 @@ struct Connection {
     /// futures are dropped before a branch's handler runs) and writes only
     /// in handlers, so one owner suffices and no lock sits between them.
     ws: Socket,
-    positions: HashMap<i64, Position>,
+    /// What this connection has written, per conversation, and may write.
+    seq: Sequencer,
+    /// Client frames read while a repair waited, handled after it.
+    deferred: VecDeque<Message>,
     inflight: usize,
     reply_tx: mpsc::Sender<Box<ConnReply>>,
     unflushed: usize,
@@ -207,7 +215,9 @@ impl Connection {
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
         let cut = Arc::new(AtomicBool::new(false));
-        app.dispatcher.register(id, user.clone(), tx, cut.clone());
+        app.dispatcher
+            .register(id, user.clone(), tx, cut.clone())
+            .await;
         app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         app.metrics
             .connections_total
@@ -218,7 +228,8 @@ impl Connection {
             id,
             user: user.clone(),
             ws: socket,
-            positions: HashMap::new(),
+            seq: Sequencer::new(&user),
+            deferred: VecDeque::new(),
             inflight: 0,
             reply_tx,
             unflushed: 0,
@@ -231,7 +242,7 @@ impl Connection {
             end = End::TooSlow;
         }
         Box::pin(conn.close(end)).await;
-        app.dispatcher.deregister(id);
+        app.dispatcher.deregister(id).await;
         app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
         log::debug!("user={user} conn={id}: closed");
     }
@@ -316,6 +327,19 @@ impl Connection {
         let mut pinged = false;
         loop {
             let can_read = self.inflight < self.app.config.max_inflight;
+            if can_read {
+                if let Some(m) = self.deferred.pop_front() {
+                    match self.on_client_message(m).await {
+                        Ok(true) => {}
+                        Ok(false) => return End::ClientClosed,
+                        Err(end) => return end,
+                    }
+                    if self.flush().await.is_err() {
+                        return End::ClientClosed;
+                    }
+                    continue;
+                }
+            }
             tokio::select! {
                 biased;
                 _ = &mut drain => {
@@ -421,7 +445,7 @@ impl Connection {
                         );
                         self.write_now(f).await.map_err(|_| End::ClientClosed)?;
                     }
-                    self.wait_or_client_gone(Duration::from_millis(500)).await?;
+                    self.pause(Duration::from_millis(500), false).await?;
                 }
                 Err(e) => {
                     log::error!("user={} conn={}: memberships: {e}", self.user, self.id);
@@ -430,21 +454,20 @@ impl Connection {
             }
         };
         for m in &memberships {
-            self.positions.insert(
-                m.conversation_id,
-                Position {
-                    last: m.cursor,
-                    active: true,
-                },
-            );
+            self.seq.start(m.conversation_id, m.cursor);
         }
-        self.app.dispatcher.subscribe(
-            self.id,
-            memberships
-                .iter()
-                .map(|m| (m.conversation_id, m.last_seq))
-                .collect(),
-        );
+        #[cfg(feature = "fault-injection")]
+        self.fault_hold_before_subscribe().await;
+        self.app
+            .dispatcher
+            .subscribe(
+                self.id,
+                memberships
+                    .iter()
+                    .map(|m| (m.conversation_id, m.last_seq))
+                    .collect(),
+            )
+            .await;
         let mut replayed = 0u64;
         for m in &memberships {
             let (c, upto) = (m.conversation_id, m.last_seq);
@@ -453,7 +476,7 @@ impl Connection {
             if let Some(frames) = self.app.recent.get(c, m.cursor, upto) {
                 for f in &frames {
                     replayed += 1;
-                    self.write_frame(f).await.map_err(|_| End::ClientClosed)?;
+                    self.write_frame(f).await?;
                 }
                 self.flush().await.map_err(|_| End::ClientClosed)?;
                 continue;
@@ -467,7 +490,7 @@ impl Connection {
                 {
                     Ok(p) => p,
                     Err(e) if e.is_unavailable() => {
-                        self.wait_or_client_gone(Duration::from_millis(500)).await?;
+                        self.pause(Duration::from_millis(500), false).await?;
                         continue;
                     }
                     Err(e) => {
@@ -487,7 +510,7 @@ impl Connection {
                 for f in &frames {
                     after = f.seq;
                     replayed += 1;
-                    self.write_frame(f).await.map_err(|_| End::ClientClosed)?;
+                    self.write_frame(f).await?;
                 }
                 self.flush().await.map_err(|_| End::ClientClosed)?;
             }
@@ -504,17 +527,43 @@ impl Connection {
         Ok(())
     }
 
-    /// Sleeps `d`, but returns early with an error if the client closes.
-    async fn wait_or_client_gone(&mut self, d: Duration) -> Result<(), End> {
+    /// Test-only (fault injection): with `TETHER_FAULT_HOLD_SUBSCRIBE_DIR`
+    /// set, hold this connection between its memberships read and its
+    /// subscribe until the file `release` appears there (at most 30 s),
+    /// after saying so with a file `held-<user>-<conn>`: the test widens
+    /// the race between reading memberships and subscribing at will.
+    #[cfg(feature = "fault-injection")]
+    async fn fault_hold_before_subscribe(&mut self) {
+        let Some(dir) = std::env::var_os("TETHER_FAULT_HOLD_SUBSCRIBE_DIR") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::write(dir.join(format!("held-{}-{}", self.user, self.id)), b"");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.join("release").exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sleeps `d`, but ends early, with the reason, if the client closes
+    /// or the worker drains. Frames the client sends meanwhile are refused
+    /// before `synced` (the client must wait for its backlog) and kept for
+    /// later after it (up to [`MAX_DEFERRED`]; beyond, they wait in the
+    /// socket).
+    async fn pause(&mut self, d: Duration, synced: bool) -> Result<(), End> {
         let sleep = tokio::time::sleep(d);
         tokio::pin!(sleep);
+        let mut phase = self.app.phase.subscribe();
+        let drain = crate::phase::until_draining(&mut phase);
+        tokio::pin!(drain);
         loop {
+            let can_read = !synced || self.deferred.len() < MAX_DEFERRED;
             tokio::select! {
                 _ = &mut sleep => return Ok(()),
-                m = self.ws.next() => match m {
+                _ = &mut drain => return Err(End::Draining),
+                m = self.ws.next(), if can_read => match m {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
-                    // Frames sent before synced are refused: the client must
-                    // wait for its backlog.
+                    Some(Ok(m)) if synced => self.deferred.push_back(m),
                     Some(Ok(Message::Text(_))) | Some(Ok(Message::Binary(_))) => {
                         let f = server::error("not_synced", "wait for synced before sending", None, Some(1));
                         self.write_now(f).await.map_err(|_| End::ClientClosed)?;
@@ -525,24 +574,29 @@ impl Connection {
         }
     }
 
-    /// Writes an event read from the log (backlog or repair), keeping order.
-    async fn write_event(&mut self, e: &Event) -> Result<(), WsError> {
-        self.write_frame(&Arc::new(Frame::from_event(e, Instant::now())))
-            .await
-    }
-
-    /// Writes a frame of the backlog or a repair, keeping order: anything
-    /// at or below what this connection already wrote is dropped.
-    async fn write_frame(&mut self, f: &Frame) -> Result<(), WsError> {
-        let pos = self.positions.entry(f.conversation_id).or_insert(Position {
-            last: f.seq - 1,
-            active: true,
-        });
-        if f.seq <= pos.last {
-            return Ok(());
+    /// Writes a frame of the backlog or a repair (contiguous, read from
+    /// the log or the cache) if the sequencer allows it.
+    async fn write_frame(&mut self, f: &Frame) -> Result<(), End> {
+        match self.seq.offer(f) {
+            Verdict::Write => self
+                .write(f.text.clone())
+                .await
+                .map_err(|_| End::ClientClosed),
+            Verdict::Skip => Ok(()),
+            Verdict::Gap { after, upto } => {
+                // A contiguous read has no gap: the log changed under us,
+                // which it never does. Refuse to skip anything.
+                log::error!(
+                    "user={} conn={} conversation={}: gap {}..{} inside a contiguous read",
+                    self.user,
+                    self.id,
+                    f.conversation_id,
+                    after + 1,
+                    upto
+                );
+                Err(End::Internal("event log read out of order"))
+            }
         }
-        pos.last = f.seq;
-        self.write(f.text.clone()).await
     }
 
     async fn on_conn_msg(&mut self, msg: ConnMsg) -> Result<(), End> {
@@ -553,19 +607,20 @@ impl Connection {
                 after,
                 upto,
             } => {
-                let last = match self.positions.get(&conversation_id) {
-                    Some(p) if p.active => p.last,
-                    _ => return Ok(()),
-                };
-                if last < upto {
-                    Box::pin(self.repair(conversation_id, last.max(after), upto)).await?;
+                let start = self.seq.replay_start(conversation_id, after);
+                if start < upto {
+                    Box::pin(self.repair(conversation_id, start, upto)).await?;
                 }
                 Ok(())
             }
         }
     }
 
-    /// Reads (after, upto] from the log and writes it.
+    /// Reads (after, upto] from the log and writes what the sequencer
+    /// allows (nothing after the user's own `member.left` unless they join
+    /// again within the range). Waits for
+    /// an unavailable database only while the client stays and the worker
+    /// serves.
     async fn repair(&mut self, c: i64, mut after: i64, upto: i64) -> Result<(), End> {
         while after < upto {
             self.app
@@ -580,7 +635,7 @@ impl Connection {
                 {
                     Ok(p) => break p,
                     Err(e) if e.is_unavailable() => {
-                        tokio::time::sleep(Duration::from_millis(250)).await
+                        self.pause(Duration::from_millis(250), true).await?
                     }
                     Err(e) => {
                         log::error!("user={} conn={}: repair of {c}: {e}", self.user, self.id);
@@ -591,63 +646,48 @@ impl Connection {
             if page.is_empty() {
                 return Ok(());
             }
+            let now = Instant::now();
             for e in &page {
                 after = e.seq;
-                self.write_event(e).await.map_err(|_| End::ClientClosed)?;
+                self.write_frame(&Frame::from_event(e, now)).await?;
             }
         }
         Ok(())
     }
 
+    /// A frame from the dispatcher: written in order, after repairing any
+    /// gap before it, if the sequencer allows it.
     async fn on_event(&mut self, f: Arc<Frame>) -> Result<(), End> {
-        let c = f.conversation_id;
-        let me = &*self.user;
-        let joins_me = match &f.membership {
-            MembershipChange::Joined(u) => u == me,
-            MembershipChange::Created(members) => members.iter().any(|u| u == me),
-            _ => false,
-        };
-        let pos = match self.positions.get_mut(&c) {
-            Some(p) => p,
-            None if joins_me => self.positions.entry(c).or_insert(Position {
-                last: f.seq - 1,
-                active: true,
-            }),
-            None => return Ok(()),
-        };
-        if !pos.active {
-            if !joins_me {
-                return Ok(());
-            }
-            pos.active = true;
-            pos.last = pos.last.max(f.seq - 1);
-        }
-        if f.seq <= pos.last {
-            return Ok(());
-        }
-        if f.seq > pos.last + 1 {
-            let from = pos.last;
-            log::debug!(
-                "user={me} conn={} conversation={c}: gap {}..{}, repairing",
-                self.id,
-                from + 1,
-                f.seq - 1
-            );
-            Box::pin(self.repair(c, from, f.seq - 1)).await?;
-        }
-        let leaves_me = matches!(&f.membership, MembershipChange::Left(u) if **u == *self.user);
-        if let Some(pos) = self.positions.get_mut(&c) {
-            if f.seq <= pos.last {
-                return Ok(());
-            }
-            pos.last = f.seq;
-            if leaves_me {
-                pos.active = false;
+        loop {
+            match self.seq.offer(&f) {
+                Verdict::Write => {
+                    return self
+                        .write(f.text.clone())
+                        .await
+                        .map_err(|_| End::ClientClosed)
+                }
+                Verdict::Skip => return Ok(()),
+                Verdict::Gap { after, upto } => {
+                    log::debug!(
+                        "user={} conn={} conversation={}: gap {}..{}, repairing",
+                        self.user,
+                        self.id,
+                        f.conversation_id,
+                        after + 1,
+                        upto
+                    );
+                    Box::pin(self.repair(f.conversation_id, after, upto)).await?;
+                    match self.seq.last(f.conversation_id) {
+                        // The log ended before `upto`: it cannot, but never
+                        // loop on it.
+                        Some(last) if last < upto => {
+                            return Err(End::Internal("event log shorter than announced"))
+                        }
+                        _ => {} // repaired, or left: offer `f` again
+                    }
+                }
             }
         }
-        self.write(f.text.clone())
-            .await
-            .map_err(|_| End::ClientClosed)
     }
 
     /// Handles one frame from the client. `Ok(false)`: the client closed.
@@ -694,14 +734,14 @@ impl Connection {
             ClientFrame::Ack {
                 conversation_id,
                 seq,
-            } => match self.positions.get(&conversation_id) {
-                Some(p) if p.active && seq <= p.last => {
+            } => match self.seq.last(conversation_id) {
+                Some(last) if seq <= last => {
                     self.app.cursors.ack(conversation_id, &self.user, seq);
                     return Ok(());
                 }
-                Some(p) if p.active => server::error(
+                Some(last) => server::error(
                     "invalid_seq",
-                    &format!("seq {seq} is beyond the last delivered seq {}", p.last),
+                    &format!("seq {seq} is beyond the last delivered seq {last}"),
                     None,
                     None,
                 ),
@@ -770,18 +810,16 @@ impl Connection {
                 a.duplicate,
             ),
             Err(e) => {
-                let (code, retry) = match &e {
-                    StoreError::Unavailable(_) => ("database_unavailable", Some(1)),
-                    StoreError::NotFound(_) | StoreError::NotMember { .. } => ("not_found", None),
-                    StoreError::Invalid(_) => ("invalid_field", None),
-                    StoreError::Internal(_) => ("internal", None),
-                };
-                let msg = match &e {
-                    StoreError::Internal(_) => "internal error".to_string(),
-                    StoreError::Unavailable(_) => "the database is unavailable; nothing was written, retry with the same client_msg_id".to_string(),
-                    other => other.to_string(),
-                };
-                server::error(code, &msg, Some(&r.client_msg_id), retry)
+                if let StoreError::Internal(m) = &e {
+                    log::error!("user={} conn={}: send failed: {m}", self.user, self.id);
+                }
+                let f = StoreFailure::from(&e);
+                server::error(
+                    f.code.as_str(),
+                    &f.message,
+                    Some(&r.client_msg_id),
+                    f.retry_after,
+                )
             }
         };
         self.write(Utf8Bytes::from(frame)).await

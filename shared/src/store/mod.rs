@@ -13,15 +13,25 @@
 //!
 //! Every committing transaction announces itself with one `pg_notify` on
 //! [`NOTIFY_CHANNEL`] (sent at COMMIT, so nothing is announced before it is
-//! durable); the payload is a hint (see [`Notice`]), the table stays the
-//! source of truth.
+//! durable); the payload is authenticated (see [`notice`]), and the table
+//! stays the source of truth.
+//!
+//! Submodules: [`notice`], the notification codec; [`membership`], the
+//! membership writes and their rules (roles). Message appends, cursors and
+//! reads are here.
 
-use crate::frames::{
-    Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_JOINED, EVENT_MEMBER_LEFT,
-    EVENT_MESSAGE_CREATED,
+pub mod membership;
+pub mod notice;
+
+pub use membership::{
+    add_member, create_conversation, remove_member, set_role, History, MembershipChange, Role,
+    MAX_INITIAL_MEMBERS,
 };
+pub use notice::{Notice, NoticeKey};
+
+use crate::frames::{Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_ROLE, EVENT_MESSAGE_CREATED};
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Row, Transaction};
+use postgres::{Client, NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -29,10 +39,6 @@ use std::time::Duration;
 
 /// The LISTEN/NOTIFY channel every committing transaction notifies.
 pub const NOTIFY_CHANNEL: &str = "tether_events";
-/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
-const MAX_NOTIFY_PAYLOAD: usize = 7900;
-/// Most members a conversation may be created with in one request.
-pub const MAX_INITIAL_MEMBERS: usize = 1000;
 
 /// The transaction's time as RFC 3339 UTC with microseconds, as
 /// `created_at` is formatted in [`EVENT_COLUMNS`].
@@ -53,6 +59,9 @@ pub enum StoreError {
     /// The named user is not a member of the conversation.
     #[error("user {user} is not a member of conversation {conversation_id}")]
     NotMember { conversation_id: i64, user: String },
+    /// The caller is a member but lacks the right (roles).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// A field is out of range.
     #[error("invalid: {0}")]
     Invalid(String),
@@ -206,7 +215,7 @@ pub fn apply_schema(client: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn event_from_row(row: &Row) -> Event {
+pub(crate) fn event_from_row(row: &Row) -> Event {
     event_from_row_at(row, 0)
 }
 
@@ -214,7 +223,7 @@ fn event_from_row(row: &Row) -> Event {
 fn event_from_row_at(row: &Row, at: usize) -> Event {
     let kind: String = row.get(at + 2);
     let payload: Option<String> = row.get(at + 8);
-    let (title, members) = match (kind.as_str(), payload) {
+    let (title, members, role) = match (kind.as_str(), payload) {
         (EVENT_CONVERSATION_CREATED, Some(p)) => {
             let v: serde_json::Value = serde_json::from_str(&p).unwrap_or_default();
             let title = v.get("title").and_then(|t| t.as_str()).map(str::to_owned);
@@ -223,9 +232,14 @@ fn event_from_row_at(row: &Row, at: usize) -> Event {
                     .filter_map(|u| u.as_str().map(str::to_owned))
                     .collect()
             });
-            (title, members)
+            (title, members, None)
         }
-        _ => (None, None),
+        (EVENT_MEMBER_ROLE, Some(p)) => {
+            let v: serde_json::Value = serde_json::from_str(&p).unwrap_or_default();
+            let role = v.get("role").and_then(|r| r.as_str()).map(str::to_owned);
+            (None, None, role)
+        }
+        _ => (None, None, None),
     };
     Event {
         conversation_id: row.get(at),
@@ -236,6 +250,7 @@ fn event_from_row_at(row: &Row, at: usize) -> Event {
         body: row.get(at + 5),
         client_msg_id: row.get(at + 6),
         user: row.get(at + 7),
+        role,
         title,
         members,
     }
@@ -246,293 +261,9 @@ const EVENT_COLUMNS_E: &str = r#"e.conversation_id, e.seq, e.type, e.sender,
     to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     e.body, e.client_msg_id, e.subject, e.payload::text"#;
 
-const EVENT_COLUMNS: &str = r#"conversation_id, seq, type, sender,
+pub(crate) const EVENT_COLUMNS: &str = r#"conversation_id, seq, type, sender,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     body, client_msg_id, subject, payload::text"#;
-
-// ---------------------------------------------------------------------------
-// Notifications
-// ---------------------------------------------------------------------------
-
-/// One NOTIFY payload: what a committed transaction changed.
-///
-/// Text form, one item per line: `e <conversation> <last_seq>` (events up to
-/// that seq are committed) and `m <conversation> <seq> <user>` (that user
-/// joined or left at that seq, so a worker that does not follow the
-/// conversation yet learns that one of its users is now in it). `*` alone
-/// means "too much to list: catch up everything you follow".
-///
-/// When they fit, the committed events themselves ride along on one line,
-/// `x <JSON array>`, so other workers deliver them without reading the log.
-/// That saves a read per batch per worker; it changes nothing about
-/// correctness: the content is what was committed, and anything a worker
-/// misses (a lost notification, a batch too big to carry) it still reads
-/// from the log.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Notice {
-    pub events: Vec<(i64, i64)>,
-    pub membership: Vec<(i64, i64, String)>,
-    pub everything: bool,
-    /// The committed events, when they fit in the payload.
-    pub content: Vec<Event>,
-}
-
-impl Notice {
-    /// Encodes into payloads that each fit a NOTIFY (one, unless a huge
-    /// membership list must be split).
-    pub fn encode(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut cur = String::new();
-        let mut push = |line: String, cur: &mut String| {
-            if cur.len() + line.len() + 1 > MAX_NOTIFY_PAYLOAD {
-                out.push(std::mem::take(cur));
-            }
-            cur.push_str(&line);
-            cur.push('\n');
-        };
-        if self.everything {
-            push("*".to_string(), &mut cur);
-        }
-        for (c, s) in &self.events {
-            push(format!("e {c} {s}"), &mut cur);
-        }
-        for (c, s, u) in &self.membership {
-            push(format!("m {c} {s} {u}"), &mut cur);
-        }
-        if out.is_empty() && !self.content.is_empty() {
-            if let Ok(json) = serde_json::to_string(&self.content) {
-                if cur.len() + json.len() + 3 <= MAX_NOTIFY_PAYLOAD {
-                    cur.push_str("x ");
-                    cur.push_str(&json);
-                    cur.push('\n');
-                }
-            }
-        }
-        if !cur.is_empty() {
-            out.push(cur);
-        }
-        out
-    }
-
-    /// Parses a payload; unknown lines are skipped.
-    pub fn parse(payload: &str) -> Notice {
-        let mut n = Notice::default();
-        for line in payload.lines() {
-            let mut p = line.split(' ');
-            match p.next() {
-                Some("*") => n.everything = true,
-                Some("e") => {
-                    if let (Some(Ok(c)), Some(Ok(s))) =
-                        (p.next().map(str::parse), p.next().map(str::parse))
-                    {
-                        n.events.push((c, s));
-                    }
-                }
-                Some("m") => {
-                    if let (Some(Ok(c)), Some(Ok(s)), Some(u)) =
-                        (p.next().map(str::parse), p.next().map(str::parse), p.next())
-                    {
-                        n.membership.push((c, s, u.to_string()));
-                    }
-                }
-                Some("x") => {
-                    if let Ok(events) = serde_json::from_str(&line[2..]) {
-                        n.content = events;
-                    }
-                }
-                _ => {}
-            }
-        }
-        n
-    }
-
-    fn send(&self, tx: &mut Transaction<'_>) -> Result<(), StoreError> {
-        for payload in self.encode() {
-            tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &payload])?;
-        }
-        Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Membership writes (rare; one transaction each)
-// ---------------------------------------------------------------------------
-
-/// What a membership write committed: the event (if one was appended) and
-/// the notice that went out with it.
-#[derive(Debug, Clone)]
-pub struct MembershipChange {
-    /// `None` when nothing changed (adding an existing member).
-    pub event: Option<Event>,
-    pub notice: Notice,
-}
-
-/// Locks the conversation row and checks the actor is a member. Returns
-/// the current `last_seq`.
-fn lock_as_member(
-    tx: &mut Transaction<'_>,
-    conversation_id: i64,
-    actor: &str,
-) -> Result<i64, StoreError> {
-    let row = tx
-        .query_opt(
-            "SELECT c.last_seq, EXISTS (SELECT 1 FROM members m
-                 WHERE m.conversation_id = c.id AND m.user_id = $2)
-             FROM conversations c WHERE c.id = $1 FOR UPDATE",
-            &[&conversation_id, &actor],
-        )?
-        .ok_or(StoreError::NotFound(conversation_id))?;
-    if !row.get::<_, bool>(1) {
-        return Err(StoreError::NotFound(conversation_id));
-    }
-    Ok(row.get(0))
-}
-
-/// Creates a conversation whose members are `creator` plus `members`.
-/// Appends `conversation.created` as seq 1; every initial member's cursor
-/// starts at 0, so each of them receives it.
-pub fn create_conversation(
-    client: &mut Client,
-    creator: &str,
-    title: &str,
-    members: &[String],
-) -> Result<MembershipChange, StoreError> {
-    let mut all: Vec<String> = vec![creator.to_string()];
-    for m in members {
-        if !all.contains(m) {
-            all.push(m.clone());
-        }
-    }
-    if all.len() > MAX_INITIAL_MEMBERS {
-        return Err(StoreError::Invalid(format!(
-            "at most {MAX_INITIAL_MEMBERS} initial members"
-        )));
-    }
-    let mut tx = client.transaction()?;
-    let row = tx.query_one(
-        "INSERT INTO conversations (title, created_by, last_seq) VALUES ($1, $2, 1) RETURNING id",
-        &[&title, &creator],
-    )?;
-    let id: i64 = row.get(0);
-    tx.execute(
-        "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq)
-         SELECT $1, u, 0, 1 FROM unnest($2::text[]) AS u",
-        &[&id, &all],
-    )?;
-    let payload = serde_json::json!({"title": title, "members": all}).to_string();
-    let row = tx.query_one(
-        &format!(
-            "INSERT INTO events (conversation_id, seq, type, sender, payload)
-             VALUES ($1, 1, $2, $3, $4::text::jsonb) RETURNING {EVENT_COLUMNS}"
-        ),
-        &[&id, &EVENT_CONVERSATION_CREATED, &creator, &payload],
-    )?;
-    let event = event_from_row(&row);
-    let notice = Notice {
-        events: vec![(id, 1)],
-        membership: all.iter().map(|u| (id, 1, u.clone())).collect(),
-        everything: false,
-        content: vec![],
-    };
-    notice.send(&mut tx)?;
-    tx.commit()?;
-    Ok(MembershipChange {
-        event: Some(event),
-        notice,
-    })
-}
-
-/// Adds `user` to a conversation `actor` belongs to. Appends
-/// `member.joined`; the new member's cursor starts just before it.
-/// Adding an existing member changes nothing.
-pub fn add_member(
-    client: &mut Client,
-    actor: &str,
-    conversation_id: i64,
-    user: &str,
-) -> Result<MembershipChange, StoreError> {
-    let mut tx = client.transaction()?;
-    let last = lock_as_member(&mut tx, conversation_id, actor)?;
-    let exists = tx
-        .query_opt(
-            "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
-            &[&conversation_id, &user],
-        )?
-        .is_some();
-    if exists {
-        tx.rollback()?;
-        return Ok(MembershipChange {
-            event: None,
-            notice: Notice::default(),
-        });
-    }
-    let seq = last + 1;
-    tx.execute(
-        "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq) VALUES ($1, $2, $3, $4)",
-        &[&conversation_id, &user, &(seq - 1), &seq],
-    )?;
-    append_membership_event(tx, conversation_id, seq, EVENT_MEMBER_JOINED, actor, user)
-}
-
-/// Removes `user` (the actor themself, or anyone, by any member).
-/// Appends `member.left`; the removed user's cursor is dropped with them.
-pub fn remove_member(
-    client: &mut Client,
-    actor: &str,
-    conversation_id: i64,
-    user: &str,
-) -> Result<MembershipChange, StoreError> {
-    let mut tx = client.transaction()?;
-    let last = lock_as_member(&mut tx, conversation_id, actor)?;
-    let removed = tx.execute(
-        "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2",
-        &[&conversation_id, &user],
-    )?;
-    if removed == 0 {
-        return Err(StoreError::NotMember {
-            conversation_id,
-            user: user.to_string(),
-        });
-    }
-    let seq = last + 1;
-    append_membership_event(tx, conversation_id, seq, EVENT_MEMBER_LEFT, actor, user)
-}
-
-/// Appends a membership event at `seq`, bumps `last_seq`, announces it
-/// (naming the user, so workers not following the conversation learn of
-/// it) and commits.
-fn append_membership_event(
-    mut tx: Transaction<'_>,
-    conversation_id: i64,
-    seq: i64,
-    kind: &str,
-    actor: &str,
-    user: &str,
-) -> Result<MembershipChange, StoreError> {
-    let row = tx.query_one(
-        &format!(
-            "INSERT INTO events (conversation_id, seq, type, sender, subject)
-             VALUES ($1, $2, $3, $4, $5) RETURNING {EVENT_COLUMNS}"
-        ),
-        &[&conversation_id, &seq, &kind, &actor, &user],
-    )?;
-    tx.execute(
-        "UPDATE conversations SET last_seq = $2 WHERE id = $1",
-        &[&conversation_id, &seq],
-    )?;
-    let notice = Notice {
-        events: vec![(conversation_id, seq)],
-        membership: vec![(conversation_id, seq, user.to_string())],
-        everything: false,
-        content: vec![],
-    };
-    notice.send(&mut tx)?;
-    tx.commit()?;
-    Ok(MembershipChange {
-        event: Some(event_from_row(&row)),
-        notice,
-    })
-}
 
 // ---------------------------------------------------------------------------
 // Message writes: group commit
@@ -570,14 +301,16 @@ pub struct BatchOutcome {
 /// commit lanes keep one connection each), so a batch pays no parsing or
 /// planning: three statements and BEGIN/COMMIT per committed batch.
 pub struct AppendStatements {
+    key: NoticeKey,
     lock: postgres::Statement,
     resolve: postgres::Statement,
     write: postgres::Statement,
 }
 
 impl AppendStatements {
-    pub fn prepare(client: &mut Client) -> Result<AppendStatements, StoreError> {
+    pub fn prepare(client: &mut Client, key: &NoticeKey) -> Result<AppendStatements, StoreError> {
         Ok(AppendStatements {
+            key: key.clone(),
             // 1. Lock the touched conversations (ascending id: no deadlock
             //    between batches), read their last seq and the commit time.
             lock: client.prepare(&format!(
@@ -627,9 +360,10 @@ impl AppendStatements {
 /// an [`AppendStatements`] and call [`append_messages_with`] directly.
 pub fn append_messages(
     client: &mut Client,
+    key: &NoticeKey,
     batch: &[NewMessage],
 ) -> Result<BatchOutcome, StoreError> {
-    let stmts = AppendStatements::prepare(client)?;
+    let stmts = AppendStatements::prepare(client, key)?;
     append_messages_with(client, &stmts, batch)
 }
 
@@ -720,6 +454,7 @@ pub fn append_messages_with(
             body: Some(m.body.clone()),
             client_msg_id: Some(m.client_msg_id.clone()),
             user: None,
+            role: None,
             title: None,
             members: None,
         };
@@ -766,15 +501,20 @@ pub fn append_messages_with(
         membership: vec![],
         everything: false,
         content: new_events.clone(),
+        authenticated: true,
     };
-    let payloads = notice.encode();
+    let mut payloads = notice.encode(&stmts.key);
     notice.content.clear();
     // One payload in all but pathological batches; if it would not fit,
     // say "catch up everything" instead of several notifications.
     let payload = if payloads.len() == 1 {
-        payloads.into_iter().next().unwrap_or_default()
+        payloads.remove(0)
     } else {
-        "*\n".to_string()
+        let everything = Notice {
+            everything: true,
+            ..Notice::default()
+        };
+        everything.encode(&stmts.key).remove(0)
     };
     tx.query(
         &stmts.write,
@@ -837,10 +577,12 @@ pub struct Membership {
     pub last_seq: i64,
 }
 
-/// Every conversation `user` belongs to, with cursor and last seq.
+/// Every conversation `user` belongs to, with cursor and last seq. The
+/// cursor is never below the seq before the user's own `member.joined`:
+/// delivery starts where their membership does.
 pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
     let rows = client.query(
-        "SELECT m.conversation_id, m.cursor_seq, c.last_seq
+        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 ORDER BY m.conversation_id",
         &[&user],
@@ -915,9 +657,29 @@ pub fn is_member(
         .is_some())
 }
 
+/// The highest seq `user` may not read in a conversation (they see
+/// `seq > floor`): the seq before their own `member.joined`, or 0 where
+/// the history is shared. `NotFound` for a non-member.
+pub fn history_floor(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+) -> Result<i64, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT CASE WHEN c.history = 'shared' THEN 0 ELSE m.joined_seq - 1 END
+             FROM members m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.conversation_id = $1 AND m.user_id = $2",
+            &[&conversation_id, &user],
+        )?
+        .ok_or(StoreError::NotFound(conversation_id))?;
+    Ok(row.get::<_, i64>(0).max(0))
+}
+
 /// One page of a conversation's events for a member: newest first below
-/// `before_seq`, or oldest first above `after_seq`. Keyset pagination on
-/// the primary key (conversation_id, seq).
+/// `before_seq`, or oldest first above `after_seq`, never at or below the
+/// member's [`history_floor`]. Keyset pagination on the primary key
+/// (conversation_id, seq).
 pub fn events_page(
     client: &mut Client,
     user: &str,
@@ -926,23 +688,27 @@ pub fn events_page(
     after_seq: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
-    if !is_member(client, conversation_id, user)? {
-        return Err(StoreError::NotFound(conversation_id));
-    }
+    let floor = history_floor(client, conversation_id, user)?;
     let rows = match after_seq {
         Some(after) => client.query(
             &format!(
                 "SELECT {EVENT_COLUMNS} FROM events
                  WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
             ),
-            &[&conversation_id, &after, &limit],
+            &[&conversation_id, &after.max(floor), &limit],
         )?,
         None => client.query(
             &format!(
                 "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+                 WHERE conversation_id = $1 AND seq < $2 AND seq > $3
+                 ORDER BY seq DESC LIMIT $4"
             ),
-            &[&conversation_id, &before_seq.unwrap_or(i64::MAX), &limit],
+            &[
+                &conversation_id,
+                &before_seq.unwrap_or(i64::MAX),
+                &floor,
+                &limit,
+            ],
         )?,
     };
     Ok(rows.iter().map(event_from_row).collect())
@@ -956,6 +722,10 @@ pub struct ConversationSummary {
     pub last_seq: i64,
     pub cursor: i64,
     pub unread: i64,
+    /// The caller's role: `owner`, `admin` or `member`.
+    pub role: String,
+    /// `since_join` or `shared`.
+    pub history: String,
 }
 
 /// One page of the conversations `user` belongs to, by ascending id after
@@ -967,7 +737,7 @@ pub fn conversations_page(
     limit: i64,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
     let rows = client.query(
-        "SELECT c.id, c.title, c.last_seq, m.cursor_seq
+        "SELECT c.id, c.title, c.last_seq, GREATEST(m.cursor_seq, m.joined_seq - 1), m.role, c.history
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 AND m.conversation_id > $2
          ORDER BY m.conversation_id LIMIT $3",
@@ -984,6 +754,8 @@ pub fn conversations_page(
                 last_seq: last,
                 cursor,
                 unread: (last - cursor).max(0),
+                role: r.get(4),
+                history: r.get(5),
             }
         })
         .collect())
@@ -993,63 +765,4 @@ pub fn conversations_page(
 pub fn ping(client: &mut Client) -> Result<(), StoreError> {
     client.simple_query("SELECT 1")?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(c: i64, seq: i64, body: &str) -> Event {
-        Event {
-            conversation_id: c,
-            seq,
-            kind: EVENT_MESSAGE_CREATED.into(),
-            sender: "a".into(),
-            created_at: "2026-01-01T00:00:00.000000Z".into(),
-            body: Some(body.into()),
-            client_msg_id: Some("k".into()),
-            user: None,
-            title: None,
-            members: None,
-        }
-    }
-
-    #[test]
-    fn notice_round_trips_and_splits() {
-        let n = Notice {
-            events: vec![(1, 5), (2, 9)],
-            membership: vec![(3, 1, "bob".into())],
-            everything: false,
-            content: vec![message(2, 9, "hi\nthere")],
-        };
-        let p = n.encode();
-        assert_eq!(p.len(), 1);
-        assert_eq!(Notice::parse(&p[0]), n, "content with a newline survives");
-        // Content that does not fit is left out; the hint stays.
-        let heavy = Notice {
-            events: vec![(2, 9)],
-            content: vec![message(2, 9, &"y".repeat(9000))],
-            ..Notice::default()
-        };
-        let p = heavy.encode();
-        assert_eq!(p.len(), 1);
-        let back = Notice::parse(&p[0]);
-        assert_eq!(back.events, vec![(2, 9)]);
-        assert!(back.content.is_empty());
-        let big = Notice {
-            events: vec![],
-            membership: (0..2000).map(|i| (1, 1, format!("user{i}"))).collect(),
-            everything: false,
-            content: vec![],
-        };
-        let parts = big.encode();
-        assert!(parts.len() > 1);
-        assert!(parts.iter().all(|p| p.len() < 8000));
-        let back: usize = parts
-            .iter()
-            .map(|p| Notice::parse(p).membership.len())
-            .sum();
-        assert_eq!(back, 2000);
-        assert!(Notice::parse("*\n").everything);
-    }
 }
