@@ -528,7 +528,8 @@ impl Connection {
     }
 
     /// Test-only (fault injection): with `TETHER_FAULT_HOLD_SUBSCRIBE_DIR`
-    /// set, hold this connection between its memberships read and its
+    /// set (and `TETHER_FAULT_HOLD_SUBSCRIBE_USER` naming this user, if
+    /// set), hold this connection between its memberships read and its
     /// subscribe until the file `release` appears there (at most 30 s),
     /// after saying so with a file `held-<user>-<conn>`: the test widens
     /// the race between reading memberships and subscribing at will.
@@ -537,6 +538,9 @@ impl Connection {
         let Some(dir) = std::env::var_os("TETHER_FAULT_HOLD_SUBSCRIBE_DIR") else {
             return;
         };
+        if std::env::var("TETHER_FAULT_HOLD_SUBSCRIBE_USER").is_ok_and(|u| u != *self.user) {
+            return;
+        }
         let dir = std::path::PathBuf::from(dir);
         let _ = std::fs::write(dir.join(format!("held-{}-{}", self.user, self.id)), b"");
         let deadline = Instant::now() + Duration::from_secs(30);
