@@ -74,9 +74,13 @@ fn help_lists_every_worker_option_with_its_variable_and_default() {
     assert!(!text(&out.stdout).contains("hush-hush"));
 }
 
+/// A command line that must fail: binary, arguments, environment, and
+/// what its error message must name.
+type BadCase<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_command_lines_exit_2_and_say_why() {
-    let cases: &[(&str, &[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[BadCase] = &[
         (TETHER, &["--nope"], &[], "--nope"),
         (TETHER, &["--workers", "0"], &[], "--workers"),
         (TETHER, &["--max-batch", "many"], &[], "--max-batch"),

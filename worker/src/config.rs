@@ -151,7 +151,7 @@ impl WorkerOptions {
         cmd.get_arguments()
             .filter_map(|arg| {
                 let var = arg.get_env()?.to_str()?.to_string();
-                let value = matches.get_raw(arg.get_id().as_str())?.last()?;
+                let value = matches.get_raw(arg.get_id().as_str())?.next_back()?;
                 Some((var, value.to_str()?.to_string()))
             })
             .collect()
