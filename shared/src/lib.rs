@@ -1,7 +1,6 @@
 //! tether-shared: what the supervisor (`tether`) and the worker
 //! (`tether-worker`) have in common.
 //!
-//! - [`config`]: flags that fall back to environment variables;
 //! - [`auth`]: HS256 tokens (issue and verify);
 //! - [`frames`]: the WebSocket and HTTP wire types of the contract;
 //! - [`error_code`]: the contract's error codes, and a store error's code;
@@ -10,7 +9,6 @@
 //! - [`pgcluster`]: a private PostgreSQL cluster, for tests and dev mode.
 
 pub mod auth;
-pub mod config;
 pub mod control;
 pub mod error_code;
 pub mod frames;

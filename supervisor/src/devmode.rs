@@ -20,7 +20,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use tether_shared::config::Flags;
 use tether_shared::pgcluster::{PgCluster, PgError, PgOptions};
 
 /// The private PostgreSQL's preferred port; the next free one is taken if
@@ -205,8 +204,8 @@ pub fn apply_schema(url: &str) -> Result<(), DevError> {
 
 /// `tether schema`: connects to `--database-url`/`DATABASE_URL` and applies
 /// the schema (idempotent). Exit 0 on success, 1 on failure, 2 without URL.
-pub fn schema_main(flags: &Flags) -> ExitCode {
-    let Some(url) = flags.raw("database-url", "DATABASE_URL") else {
+pub fn schema_main(database_url: Option<&str>) -> ExitCode {
+    let Some(url) = database_url else {
         eprintln!("tether schema: --database-url or DATABASE_URL is required");
         return ExitCode::from(2);
     };

@@ -6,7 +6,7 @@
 //!
 //! This file only parses the command line and wires the modules together:
 //!
-//! - [`config`]: flags and environment → [`config::Config`];
+//! - [`config`]: the command line (clap) and environment → [`config::Config`];
 //! - [`listener`]: bind, or systemd socket activation;
 //! - [`devmode`]: the private PostgreSQL, the secret, the schema;
 //! - [`spawn`]: fork+exec of one worker with fds 3 and 4;
@@ -30,9 +30,8 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use tether_shared::auth::{self, Secret};
-use tether_shared::config::Flags;
 
-use crate::config::{Config, SWITCHES, USAGE, VALUE_OPTIONS};
+use crate::config::{Parsed, Sub};
 use crate::devmode::DevCluster;
 use crate::listener::Origin;
 use crate::spawn::WorkerTemplate;
@@ -55,31 +54,28 @@ fn init_logging() {
 fn main() -> ExitCode {
     // `tether worker ...` is a worker process, exec'd by a supervisor:
     // hand over before anything of the supervisor's runs.
-    if std::env::args().nth(1).as_deref() == Some("worker") {
-        return tether_worker::main_with_args(std::env::args().skip(2));
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("worker")) {
+        return tether_worker::main_with_args("tether worker", std::env::args_os().skip(2));
     }
-    let flags = match Flags::parse(std::env::args().skip(1), VALUE_OPTIONS, SWITCHES) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("tether: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    tether_worker::config::unset_empty_env(&<config::Cli as clap::CommandFactory>::command());
+    let parsed = match Parsed::from_argv(std::env::args_os()) {
+        Ok(p) => p,
+        // Help and version to stdout (exit 0), errors to stderr (exit 2).
+        Err(e) => e.exit(),
     };
-    let first = flags.positional.first().map(String::as_str);
-    if flags.switch("help") || matches!(first, Some("-h" | "help")) {
-        print!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    match first {
-        Some("token") => token::main(&flags),
-        Some("schema") => devmode::schema_main(&flags),
+    match &parsed.cli.command {
+        Some(Sub::Token { user, ttl }) => token::main(user, *ttl, &parsed.cli),
+        Some(Sub::Schema) => devmode::schema_main(parsed.cli.database_url.as_deref()),
+        Some(Sub::Worker { .. }) => {
+            eprintln!(
+                "tether: `worker` must come first, followed by worker options only: \
+                 tether worker [OPTIONS] (see tether worker --help)"
+            );
+            ExitCode::from(2)
+        }
         None => {
             init_logging();
-            serve(&flags)
-        }
-        Some(other) => {
-            eprintln!("tether: unknown command {other:?} (see tether --help)");
-            ExitCode::from(2)
+            serve(&parsed)
         }
     }
 }
@@ -91,8 +87,8 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Runs the gateway until stopped.
-fn serve(flags: &Flags) -> ExitCode {
-    let cfg = match Config::from_flags(flags) {
+fn serve(parsed: &Parsed) -> ExitCode {
+    let cfg = match parsed.config() {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
@@ -193,16 +189,11 @@ fn serve(flags: &Flags) -> ExitCode {
         }
     }
 
-    let mut env = BTreeMap::new();
+    // Every worker option (flag, environment or default) as its variable,
+    // then what the supervisor decided.
+    let mut env: BTreeMap<String, String> = parsed.worker_env().into_iter().collect();
     env.insert("DATABASE_URL".to_string(), database_url);
     env.insert("TETHER_SECRET".to_string(), secret);
-    env.insert(
-        "TETHER_DRAIN_MS".to_string(),
-        cfg.drain.as_millis().to_string(),
-    );
-    if !cfg.demo {
-        env.insert("TETHER_DEMO".to_string(), "off".to_string());
-    }
     let template = WorkerTemplate {
         bin: cfg.worker_bin.clone(),
         args: cfg.worker_args.clone(),

@@ -1,31 +1,204 @@
-//! The worker's configuration: flags, each also readable from the
-//! environment (flag wins), with the contract's defaults.
+//! The worker's configuration, declared once with clap.
+//!
+//! - [`WorkerOptions`]: every option that tunes a worker (limits, pools,
+//!   rate limit, drain time, the demo page). `tether` flattens the same
+//!   struct into its own command line, so `tether --help` lists them too,
+//!   and hands them on to the workers it starts (see [`WorkerOptions::env`]).
+//! - [`WorkerArgs`]: the worker's whole command line (`tether worker`,
+//!   `tether-worker`): those options plus where to listen, the database,
+//!   the secret and the worker's name.
+//! - [`WorkerConfig`]: the typed settings the worker runs with.
+//!
+//! Every option is also an environment variable (the flag wins); the doc
+//! comments are the `--help` text, and the defaults are the contract's
+//! (docs/PROTOCOL.md, checked by a test against this declaration). An
+//! environment variable set to the empty string counts as unset
+//! ([`unset_empty_env`]), as it always has.
 
+use std::ffi::OsString;
 use std::time::Duration;
-use tether_shared::config::{ConfigError, Flags};
+
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 use tether_shared::control::ENV_WORKER_ID;
 
-/// Options that take a value (without `--`).
-const OPTIONS: &[&str] = &[
-    "listen",
-    "database-url",
-    "secret",
-    "worker-id",
-    "drain-ms",
-    "max-body-bytes",
-    "max-frame-bytes",
-    "outbound-queue",
-    "max-connections",
-    "idle-timeout-secs",
-    "handshake-timeout-ms",
-    "pool-size",
-    "commit-lanes",
-    "max-batch",
-    "max-inflight",
-    "rate-limit",
-    "rate-burst",
-    "demo",
-];
+/// The options that tune a worker, shared by `tether worker`,
+/// `tether-worker` and `tether` (which passes them on to its workers).
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct WorkerOptions {
+    /// Bound on a drain (stop or reload): a worker exits this long after it
+    /// stopped accepting, open connections or not (ms).
+    #[arg(
+        long,
+        env = "TETHER_DRAIN_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub drain_ms: u64,
+    /// Largest message body, in bytes of UTF-8 (413 beyond).
+    #[arg(long, env = "TETHER_MAX_BODY_BYTES", value_name = "BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest WebSocket message accepted, in bytes (close 1009 beyond).
+    #[arg(long, env = "TETHER_MAX_FRAME_BYTES", value_name = "BYTES", default_value_t = 256 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Events queued for one connection before it counts as too slow and is
+    /// closed with 1013.
+    #[arg(
+        long,
+        env = "TETHER_OUTBOUND_QUEUE",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub outbound_queue: usize,
+    /// Open WebSocket connections per worker (503 beyond).
+    #[arg(
+        long,
+        env = "TETHER_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+    /// A connection silent this long is closed; it is pinged at half of it (s).
+    #[arg(
+        long,
+        env = "TETHER_IDLE_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    pub idle_timeout_secs: u64,
+    /// A client must send its request headers within this (ms).
+    #[arg(
+        long,
+        env = "TETHER_HANDSHAKE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 5_000
+    )]
+    pub handshake_timeout_ms: u64,
+    /// Sends per second per user, per worker (sustained); 0 = unlimited.
+    #[arg(
+        long,
+        env = "TETHER_RATE_LIMIT",
+        value_name = "N",
+        default_value_t = 0.0
+    )]
+    pub rate_limit: f64,
+    /// Burst allowance of the rate limit.
+    #[arg(
+        long,
+        env = "TETHER_RATE_BURST",
+        value_name = "N",
+        default_value_t = 100.0
+    )]
+    pub rate_burst: f64,
+    /// Read connections in each worker's database pool.
+    #[arg(long, env = "TETHER_POOL_SIZE", value_name = "N", default_value_t = 16)]
+    pub pool_size: u32,
+    /// Dedicated committing connections per worker (group commit lanes; 0
+    /// counts as 1).
+    #[arg(
+        long,
+        env = "TETHER_COMMIT_LANES",
+        value_name = "N",
+        default_value_t = 2
+    )]
+    pub commit_lanes: usize,
+    /// Most messages in one group commit (0 counts as 1).
+    #[arg(
+        long,
+        env = "TETHER_MAX_BATCH",
+        value_name = "N",
+        default_value_t = 512
+    )]
+    pub max_batch: usize,
+    /// Sends one connection may have awaiting COMMIT (0 counts as 1).
+    #[arg(
+        long,
+        env = "TETHER_MAX_INFLIGHT",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub max_inflight: usize,
+    /// Serve the demo chat page at /demo/ (on|off; also 1/0, true/false,
+    /// yes/no).
+    #[arg(
+        long,
+        env = "TETHER_DEMO",
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = parse_on_off,
+        action = clap::ArgAction::Set
+    )]
+    pub demo: bool,
+}
+
+/// `--demo`'s values: on/1/true/yes and off/0/false/no.
+fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "1" | "true" | "yes" => Ok(true),
+        "off" | "0" | "false" | "no" => Ok(false),
+        _ => Err("expected on or off".to_string()),
+    }
+}
+
+impl WorkerOptions {
+    /// The options as environment variables (each option's own variable,
+    /// with the value from `matches`: given on the command line, read from
+    /// the environment, or the default), for a supervisor to hand on to
+    /// the workers it starts. `matches` must come from a command that
+    /// flattens [`WorkerOptions`]. Driven by the declaration above, so an
+    /// option added there is passed on without further code.
+    pub fn env(matches: &ArgMatches) -> Vec<(String, String)> {
+        let cmd = WorkerOptions::augment_args(clap::Command::new("worker-options"));
+        cmd.get_arguments()
+            .filter_map(|arg| {
+                let var = arg.get_env()?.to_str()?.to_string();
+                let value = matches.get_raw(arg.get_id().as_str())?.next_back()?;
+                Some((var, value.to_str()?.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// The worker's command line: `tether worker [OPTIONS]`, `tether-worker
+/// [OPTIONS]`. A supervisor passes the listening socket (fd 3), the control
+/// socket (fd 4) and the worker's name in the environment.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "tether-worker",
+    version,
+    // As always: an option given twice takes its last value.
+    args_override_self = true,
+    about = "One worker of the tether WebSocket gateway: the HTTP API and WebSocket \
+             connections over the PostgreSQL event log.",
+    long_about = None
+)]
+pub struct WorkerArgs {
+    /// Address to bind when no socket is inherited (from a supervisor or
+    /// systemd).
+    #[arg(
+        long,
+        env = "TETHER_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: String,
+    /// PostgreSQL URL (the shared event log).
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: String,
+    /// HS256 key that signs and checks client tokens.
+    #[arg(
+        long,
+        env = "TETHER_SECRET",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub secret: String,
+    /// The worker's name in logs and `hello` (a supervisor sets it: w1,
+    /// w2...) [default: w<pid>].
+    #[arg(long, env = ENV_WORKER_ID, value_name = "ID")]
+    pub worker_id: Option<String>,
+    #[command(flatten)]
+    pub options: WorkerOptions,
+}
 
 /// Everything a worker is told at start.
 #[derive(Debug, Clone)]
@@ -66,59 +239,172 @@ pub struct WorkerConfig {
     pub demo: bool,
 }
 
-impl WorkerConfig {
-    pub fn from_args<I: IntoIterator<Item = String>>(args: I) -> Result<WorkerConfig, ConfigError> {
-        let f = Flags::parse(args, OPTIONS, &[])?;
-        if let Some(extra) = f.positional.first() {
-            return Err(ConfigError::Unknown(extra.clone()));
-        }
-        let database_url = f
-            .raw("database-url", "DATABASE_URL")
-            .ok_or_else(|| ConfigError::MissingValue("--database-url (or DATABASE_URL)".into()))?;
-        let secret = f
-            .raw("secret", "TETHER_SECRET")
-            .ok_or_else(|| ConfigError::MissingValue("--secret (or TETHER_SECRET)".into()))?;
-        Ok(WorkerConfig {
-            listen: f.get("listen", "TETHER_LISTEN", "127.0.0.1:8080".to_string())?,
-            database_url,
-            secret,
-            worker_id: f
-                .raw("worker-id", ENV_WORKER_ID)
+impl WorkerArgs {
+    /// Parses a command line (`argv[0]` first), with `bin_name` in help and
+    /// errors (`tether-worker`, or `tether worker`). A clap error carries
+    /// its exit code: 0 for `--help`/`--version`, 2 otherwise.
+    pub fn parse_from_args<I, T>(bin_name: &str, argv: I) -> Result<WorkerArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut cmd = WorkerArgs::command().bin_name(bin_name.to_string());
+        let matches = cmd.try_get_matches_from_mut(argv)?;
+        WorkerArgs::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    }
+
+    /// The typed settings.
+    pub fn into_config(self) -> WorkerConfig {
+        let o = self.options;
+        WorkerConfig {
+            listen: self.listen,
+            database_url: self.database_url,
+            secret: self.secret,
+            worker_id: self
+                .worker_id
                 .unwrap_or_else(|| format!("w{}", std::process::id())),
-            drain: Duration::from_millis(f.get("drain-ms", "TETHER_DRAIN_MS", 10_000u64)?),
-            max_body_bytes: f.get("max-body-bytes", "TETHER_MAX_BODY_BYTES", 64 * 1024)?,
-            max_frame_bytes: f.get("max-frame-bytes", "TETHER_MAX_FRAME_BYTES", 256 * 1024)?,
-            outbound_queue: f.get("outbound-queue", "TETHER_OUTBOUND_QUEUE", 4096)?,
-            max_connections: f.get("max-connections", "TETHER_MAX_CONNECTIONS", 20_000)?,
-            idle_timeout: Duration::from_secs(f.get(
-                "idle-timeout-secs",
-                "TETHER_IDLE_TIMEOUT_SECS",
-                60u64,
-            )?),
-            handshake_timeout: Duration::from_millis(f.get(
-                "handshake-timeout-ms",
-                "TETHER_HANDSHAKE_TIMEOUT_MS",
-                5_000u64,
-            )?),
-            pool_size: f.get("pool-size", "TETHER_POOL_SIZE", 16)?,
-            commit_lanes: f.get("commit-lanes", "TETHER_COMMIT_LANES", 2usize)?.max(1),
-            max_batch: f.get("max-batch", "TETHER_MAX_BATCH", 512usize)?.max(1),
-            max_inflight: f
-                .get("max-inflight", "TETHER_MAX_INFLIGHT", 256usize)?
-                .max(1),
-            rate_limit: f.get("rate-limit", "TETHER_RATE_LIMIT", 0.0)?,
-            rate_burst: f.get("rate-burst", "TETHER_RATE_BURST", 100.0)?,
-            demo: match f.raw("demo", "TETHER_DEMO").as_deref() {
-                None | Some("on" | "1" | "true" | "yes") => true,
-                Some("off" | "0" | "false" | "no") => false,
-                Some(other) => {
-                    return Err(ConfigError::Invalid {
-                        name: "--demo/TETHER_DEMO".into(),
-                        value: other.into(),
-                        reason: "expected on or off".into(),
-                    })
-                }
-            },
-        })
+            drain: Duration::from_millis(o.drain_ms),
+            max_body_bytes: o.max_body_bytes,
+            max_frame_bytes: o.max_frame_bytes,
+            outbound_queue: o.outbound_queue,
+            max_connections: o.max_connections,
+            idle_timeout: Duration::from_secs(o.idle_timeout_secs),
+            handshake_timeout: Duration::from_millis(o.handshake_timeout_ms),
+            pool_size: o.pool_size,
+            commit_lanes: o.commit_lanes.max(1),
+            max_batch: o.max_batch.max(1),
+            max_inflight: o.max_inflight.max(1),
+            rate_limit: o.rate_limit,
+            rate_burst: o.rate_burst,
+            demo: o.demo,
+        }
+    }
+}
+
+/// Removes the environment variables of `cmd`'s options (and its
+/// subcommands') that are set to the empty string, so that they count as
+/// unset, as they always have (clap would otherwise take `""` as the
+/// value). Call it at the very start of `main`, while the process has one
+/// thread.
+pub fn unset_empty_env(cmd: &clap::Command) {
+    for arg in cmd.get_arguments() {
+        if let Some(var) = arg.get_env() {
+            if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+                std::env::remove_var(var);
+            }
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        unset_empty_env(sub);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<WorkerArgs, clap::Error> {
+        let argv = std::iter::once("tether-worker").chain(args.iter().copied());
+        WorkerArgs::parse_from_args("tether-worker", argv)
+    }
+
+    const NEEDED: [&str; 4] = ["--database-url", "postgres://x/y", "--secret", "k"];
+
+    #[test]
+    fn the_declaration_is_consistent() {
+        WorkerArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_the_contracts() {
+        let c = parse(&NEEDED).unwrap().into_config();
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.drain, Duration::from_millis(10_000));
+        assert_eq!(c.max_body_bytes, 65_536);
+        assert_eq!(c.max_frame_bytes, 262_144);
+        assert_eq!(c.outbound_queue, 4096);
+        assert_eq!(c.max_connections, 20_000);
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(5000));
+        assert_eq!(c.pool_size, 16);
+        assert_eq!(c.commit_lanes, 2);
+        assert_eq!(c.max_batch, 512);
+        assert_eq!(c.max_inflight, 256);
+        assert_eq!(c.rate_limit, 0.0);
+        assert_eq!(c.rate_burst, 100.0);
+        assert!(c.demo);
+    }
+
+    #[test]
+    fn flags_in_both_forms_and_zero_lanes_count_as_one() {
+        let mut args = NEEDED.to_vec();
+        args.extend([
+            "--max-batch=7",
+            "--commit-lanes",
+            "0",
+            "--rate-limit",
+            "2.5",
+            "--demo",
+            "off",
+            "--worker-id",
+            "w9",
+        ]);
+        let c = parse(&args).unwrap().into_config();
+        assert_eq!(c.max_batch, 7);
+        assert_eq!(c.commit_lanes, 1);
+        assert_eq!(c.rate_limit, 2.5);
+        assert!(!c.demo);
+        assert_eq!(c.worker_id, "w9");
+        // Given twice, the last one counts (as it always has).
+        let mut twice = NEEDED.to_vec();
+        twice.extend(["--pool-size", "1", "--pool-size", "2"]);
+        assert_eq!(parse(&twice).unwrap().options.pool_size, 2);
+    }
+
+    #[test]
+    fn bad_unknown_and_missing_options_are_usage_errors() {
+        use clap::error::ErrorKind;
+        let kind = |args: &[&str]| parse(args).unwrap_err().kind();
+        let mut bad = NEEDED.to_vec();
+        bad.extend(["--max-batch", "many"]);
+        assert_eq!(kind(&bad), ErrorKind::ValueValidation);
+        let mut demo = NEEDED.to_vec();
+        demo.extend(["--demo", "maybe"]);
+        assert_eq!(kind(&demo), ErrorKind::ValueValidation);
+        let mut unknown = NEEDED.to_vec();
+        unknown.push("--nope");
+        assert_eq!(kind(&unknown), ErrorKind::UnknownArgument);
+        let mut extra = NEEDED.to_vec();
+        extra.push("stray");
+        assert_eq!(kind(&extra), ErrorKind::UnknownArgument);
+        assert!(parse(&[]).unwrap_err().exit_code() == 2);
+        assert_eq!(parse(&["--help"]).unwrap_err().exit_code(), 0);
+    }
+
+    #[test]
+    fn options_become_each_options_own_variable() {
+        let matches = WorkerArgs::command()
+            .try_get_matches_from(
+                ["tether-worker", "--max-body-bytes", "10", "--demo=off"]
+                    .into_iter()
+                    .chain(NEEDED),
+            )
+            .unwrap();
+        let env = WorkerOptions::env(&matches);
+        let get = |k: &str| {
+            env.iter()
+                .find(|(var, _)| var == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("TETHER_MAX_BODY_BYTES"), Some("10"));
+        assert_eq!(get("TETHER_DEMO"), Some("off"));
+        // Not given: the default, so a worker runs with what --help showed.
+        assert_eq!(get("TETHER_POOL_SIZE"), Some("16"));
+        // Every worker option, and only those (never the secret).
+        let n = WorkerOptions::augment_args(clap::Command::new("x"))
+            .get_arguments()
+            .count();
+        assert_eq!(env.len(), n);
+        assert_eq!(get("TETHER_SECRET"), None);
     }
 }

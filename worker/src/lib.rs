@@ -6,7 +6,7 @@
 //! event to its connected members in seq order without gaps.
 //!
 //! Modules, one concept each:
-//! - [`config`]: flags and environment;
+//! - [`config`]: the command line and environment (clap), shared with `tether`;
 //! - [`phase`]: serving / draining, read by `/ready` and every connection;
 //! - [`commit`]: group commit lanes (the write path);
 //! - [`frame`]: one committed event as delivered (serialized once, shared);
@@ -186,21 +186,28 @@ fn init_logging(worker_id: &str) {
         .init();
 }
 
-/// The `tether-worker` entry point: parse flags, get the socket, run.
+/// The `tether-worker` entry point: parse the command line, get the
+/// socket, run.
 pub fn main() -> ExitCode {
-    main_with_args(std::env::args().skip(1))
+    main_with_args("tether-worker", std::env::args_os().skip(1))
 }
 
-/// [`main`] with the arguments given (without the program name): how the
-/// `tether` binary runs a worker when the supervisor execs it as
-/// `tether worker`.
-pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> ExitCode {
-    let config = match WorkerConfig::from_args(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tether-worker: {e}\nusage: tether-worker --listen ADDR --database-url URL --secret KEY [--worker-id w1] [--drain-ms N] ...");
-            return ExitCode::from(2);
-        }
+/// [`main`] with the arguments given (without the program name), and the
+/// name that help and errors show: how the `tether` binary runs a worker
+/// when the supervisor execs it as `tether worker`. `--help` prints the
+/// options and exits 0; a bad command line prints why and exits 2.
+pub fn main_with_args<I, T>(bin_name: &str, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    config::unset_empty_env(&<config::WorkerArgs as clap::CommandFactory>::command());
+    let argv =
+        std::iter::once(std::ffi::OsString::from(bin_name)).chain(args.into_iter().map(Into::into));
+    let config = match config::WorkerArgs::parse_from_args(bin_name, argv) {
+        Ok(args) => args.into_config(),
+        // Help and version to stdout (exit 0), errors to stderr (exit 2).
+        Err(e) => e.exit(),
     };
     init_logging(&config.worker_id);
     #[cfg(feature = "fault-injection")]

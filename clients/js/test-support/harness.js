@@ -401,6 +401,49 @@ export class Cluster {
     return pid;
   }
 
+  /**
+   * SIGKILLs the worker serving `client` (a connected TetherClient) at this
+   * moment; returns `{worker, pid}`. The id to kill is read here, not
+   * earlier, and only once the client is synced on a worker that is alive:
+   * the id a client last heard in `hello` can name a worker that has just
+   * died (killed before, its close not yet seen by the client, or the
+   * client still reconnecting), and then there is nothing to kill yet.
+   * Waits up to `timeout` ms for such a moment, and then until the client
+   * has seen its connection end (its state left `synced`), so that what the
+   * test checks next happens after the cut, not before the client noticed.
+   */
+  async killWorkerServing(client, { timeout = 30000 } = {}) {
+    const target = await waitFor(
+      () => {
+        const live = this.workerPids();
+        const pid = client.synced && client.worker ? live.get(client.worker) : undefined;
+        if (pid) return { worker: client.worker, pid };
+        // Why not yet, for the timeout's message.
+        throw new Error(
+          `${client.synced ? 'synced' : 'not synced'}, last heard of ${client.worker}, live: ${[...live.keys()].join(', ')}`,
+        );
+      },
+      { timeout, what: `${client.user || 'the client'} to be synced on a live worker` },
+    );
+    // Checked and killed in one synchronous step: nothing can change the
+    // client's connection in between. The listener is there before the
+    // kill, so even a quick reconnect cannot pass unseen.
+    let cut = false;
+    const off = client.on('state', (st) => {
+      if (st.state === 'reconnecting' || st.state === 'closed') cut = true;
+    });
+    try {
+      process.kill(target.pid, 'SIGKILL');
+      await waitFor(() => cut, {
+        timeout,
+        what: `${client.user || 'the client'} to see the connection to ${target.worker} end`,
+      });
+    } finally {
+      off();
+    }
+    return target;
+  }
+
   signal(sig) {
     this.child.kill(sig);
   }

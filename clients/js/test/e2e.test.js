@@ -135,11 +135,14 @@ test('a worker SIGKILLed while 200 messages are sent: every send resolves, 200 e
   const killer = (async () => {
     // First the sender's worker, mid-stream ...
     await waitFor(() => resolved >= 50, { timeout: 60000, what: '50 sends' });
-    kills.push({ who: 'sender', worker: sender.worker, pid: cluster.killWorker(sender.worker) });
-    // ... then, once the cluster is whole again, the receiver's.
-    await waitFor(() => resolved >= 110 && receiver.synced, { timeout: 60000, what: '110 sends' });
+    kills.push({ who: 'sender', ...(await cluster.killWorkerServing(sender)) });
+    // ... then, once the cluster is whole again, the worker serving the
+    // receiver at that moment. The receiver may have been on the sender's
+    // worker and still be reconnecting (or not yet have seen its close):
+    // the worker it names is read when the kill happens, and must be alive.
+    await waitFor(() => resolved >= 110, { timeout: 60000, what: '110 sends' });
     await cluster.waitHealthy(30000);
-    kills.push({ who: 'receiver', worker: receiver.worker, pid: cluster.killWorker(receiver.worker) });
+    kills.push({ who: 'receiver', ...(await cluster.killWorkerServing(receiver)) });
   })();
   const sends = [];
   for (let i = 0; i < N; i++) {
@@ -154,6 +157,8 @@ test('a worker SIGKILLed while 200 messages are sent: every send resolves, 200 e
   await Promise.all(sends);
   await killer;
   assert.equal(kills.length, 2);
+  // Two different workers died, the second one while it served the receiver.
+  assert.notEqual(kills[0].pid, kills[1].pid);
 
   // Every promise resolved with a seq, all different.
   assert.ok(results.every((r) => Number.isInteger(r.seq) && r.seq > 1));
@@ -211,7 +216,7 @@ test('an expired token is replaced through getToken() on reconnect', { timeout: 
     { timeout: 10000, interval: 200, what: 'the first token to expire' },
   );
   // ... and force a reconnect: the worker serving carol dies.
-  cluster.killWorker(carol.worker);
+  await cluster.killWorkerServing(carol);
   await waitFor(() => carol.syncs() >= 2, { timeout: 30000, what: 'carol to be synced again' });
   assert.ok(carol.rec.getTokenCalls >= 2);
   const lastUrl = carol.rec.urls[carol.rec.urls.length - 1];
