@@ -17,6 +17,7 @@
 mod support;
 
 use serde_json::{json, Value};
+#[cfg(feature = "fault-injection")]
 use std::path::Path;
 use std::time::Duration;
 use support::*;
@@ -47,6 +48,7 @@ async fn connect_synced(ws_url: &str, user: &str) -> WsClient {
     c
 }
 
+#[cfg(feature = "fault-injection")]
 fn held_file_exists(dir: &Path, user: &str) -> bool {
     std::fs::read_dir(dir)
         .map(|entries| {
