@@ -12,22 +12,35 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
 use tether_shared::auth::valid_user_id;
-use tether_shared::frames::Event;
-use tether_shared::store::{self, History, Role};
+use tether_shared::store::{self, History, MembershipChange, NoticeKey, Role, StoreError};
 
 const USER_ID_RULE: &str = "1-64 chars of [A-Za-z0-9_.@-]";
 
-/// Hands committed events to this worker's fan-out.
-async fn announce_locally(app: &App, events: &[Event]) {
+/// Runs one membership write (which commits and announces to other
+/// workers), then hands its events to this worker's fan-out: the one path
+/// every membership route takes. The error is the ready response.
+async fn commit_and_announce<F>(app: &App, write: F) -> Result<MembershipChange, Response<Body>>
+where
+    F: FnOnce(&mut postgres::Client, &NoticeKey) -> Result<MembershipChange, StoreError>
+        + Send
+        + 'static,
+{
+    let key = app.notice_key.clone();
+    let change = app
+        .db_write(move |c| write(c, &key))
+        .await
+        .map_err(|e| store_error_response(&e))?;
     let now = Instant::now();
     app.dispatcher
         .local(
-            events
+            change
+                .events
                 .iter()
                 .map(|e| Arc::new(Frame::from_event(e, now)))
                 .collect(),
         )
         .await;
+    Ok(change)
 }
 
 /// `"admin"` or `"member"` (absent: member).
@@ -79,13 +92,13 @@ pub async fn create(app: Arc<App>, user: Arc<str>, req: Request<Incoming>) -> Re
         Some(_) => return invalid("history must be \"since_join\" or \"shared\""),
     };
     let creator = user.to_string();
-    let key = app.notice_key.clone();
-    let result = app
-        .db_write(move |c| store::create_conversation(c, &key, &creator, &title, &members, history))
-        .await;
-    let change = match result {
+    let change = match commit_and_announce(&app, move |c, key| {
+        store::create_conversation(c, key, &creator, &title, &members, history)
+    })
+    .await
+    {
         Ok(change) => change,
-        Err(e) => return store_error_response(&e),
+        Err(r) => return r,
     };
     let Some(event) = change.events.first() else {
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no event");
@@ -99,7 +112,6 @@ pub async fn create(app: Arc<App>, user: Arc<str>, req: Request<Incoming>) -> Re
         "history": history.as_str(),
     })
     .to_string();
-    announce_locally(&app, &change.events).await;
     json_response(StatusCode::CREATED, body)
 }
 
@@ -124,13 +136,13 @@ pub async fn add(
     };
     let actor = user.to_string();
     let m = member.clone();
-    let key = app.notice_key.clone();
-    let change = match app
-        .db_write(move |c| store::add_member(c, &key, &actor, conversation_id, &m, role))
-        .await
+    let change = match commit_and_announce(&app, move |c, key| {
+        store::add_member(c, key, &actor, conversation_id, &m, role)
+    })
+    .await
     {
         Ok(change) => change,
-        Err(e) => return store_error_response(&e),
+        Err(r) => return r,
     };
     let Some(joined) = change.events.first() else {
         return json_response(
@@ -151,7 +163,6 @@ pub async fn add(
         "seq": joined.seq,
     })
     .to_string();
-    announce_locally(&app, &change.events).await;
     json_response(StatusCode::OK, body)
 }
 
@@ -167,13 +178,13 @@ pub async fn remove(
     }
     let actor = user.to_string();
     let m = member.clone();
-    let key = app.notice_key.clone();
-    let change = match app
-        .db_write(move |c| store::remove_member(c, &key, &actor, conversation_id, &m))
-        .await
+    let change = match commit_and_announce(&app, move |c, key| {
+        store::remove_member(c, key, &actor, conversation_id, &m)
+    })
+    .await
     {
         Ok(change) => change,
-        Err(e) => return store_error_response(&e),
+        Err(r) => return r,
     };
     let seq = change.events.first().map(|e| e.seq);
     // When the owner left: who owns it now.
@@ -189,7 +200,6 @@ pub async fn remove(
             .map(|o| format!("; {o} is now owner"))
             .unwrap_or_default()
     );
-    announce_locally(&app, &change.events).await;
     json_response(
         StatusCode::OK,
         json!({
@@ -227,13 +237,13 @@ pub async fn set_role(
     };
     let actor = user.to_string();
     let m = member.clone();
-    let key = app.notice_key.clone();
-    let change = match app
-        .db_write(move |c| store::set_role(c, &key, &actor, conversation_id, &m, role))
-        .await
+    let change = match commit_and_announce(&app, move |c, key| {
+        store::set_role(c, key, &actor, conversation_id, &m, role)
+    })
+    .await
     {
         Ok(change) => change,
-        Err(e) => return store_error_response(&e),
+        Err(r) => return r,
     };
     let seq = change.events.first().map(|e| e.seq);
     if let Some(seq) = seq {
@@ -242,7 +252,6 @@ pub async fn set_role(
             role.as_str()
         );
     }
-    announce_locally(&app, &change.events).await;
     json_response(
         StatusCode::OK,
         json!({
