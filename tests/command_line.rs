@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 use serde_json::json;
 use support::*;
-use tether_shared::auth::{self, Secret};
+use tether_protocol::auth::{self, Secret};
 
 fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin);

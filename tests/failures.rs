@@ -544,7 +544,7 @@ async fn hostile_input_never_crashes_a_worker_and_tokens_stay_out_of_logs() {
     // HS256 over any header and payload, for algorithm-confusion cases.
     let sign = |h: &str, p: &str, key: &str| -> String {
         let unsigned = format!("{}.{}", b64(h), b64(p));
-        let sig = tether_shared::auth::hs256(key.as_bytes(), unsigned.as_bytes());
+        let sig = tether_protocol::auth::hs256(key.as_bytes(), unsigned.as_bytes());
         format!(
             "{unsigned}.{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig)

@@ -27,7 +27,7 @@ fn test_db_counts_stops_and_starts() {
     assert_eq!(db.query_i64("SELECT count(*) FROM events"), 0);
 
     // The schema is idempotent: applying it again is harmless.
-    db.execute(tether_shared::SCHEMA_SQL);
+    db.execute(tether_worker::store::SCHEMA_SQL);
     let tables = db.with_client(|c| {
         c.query(
             "SELECT table_name::text FROM information_schema.tables
@@ -230,10 +230,10 @@ async fn http_client_against_a_canned_server() {
 #[test]
 fn tokens_verify() {
     let t = token(TEST_SECRET, "alice");
-    let secret = tether_shared::auth::Secret::new(TEST_SECRET.as_bytes().to_vec());
-    assert_eq!(tether_shared::auth::verify(&secret, &t).unwrap(), "alice");
+    let secret = tether_protocol::auth::Secret::new(TEST_SECRET.as_bytes().to_vec());
+    assert_eq!(tether_protocol::auth::verify(&secret, &t).unwrap(), "alice");
     let old = expired_token(TEST_SECRET, "alice", 60);
-    assert!(tether_shared::auth::verify(&secret, &old).is_err());
+    assert!(tether_protocol::auth::verify(&secret, &old).is_err());
 }
 
 /// A canned WebSocket server: refuses an upgrade without a token with 401,

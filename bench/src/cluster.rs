@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether_client::Rest;
-use tether_shared::pgcluster::{PgCluster, PgOptions};
+use tether_pgcluster::{PgCluster, PgOptions};
 
 pub struct SpawnOptions {
     pub tether_bin: Option<PathBuf>,
@@ -115,7 +115,7 @@ impl Cluster {
             .map_err(|e| e.to_string())?
             .connect(postgres::NoTls)
             .map_err(|e| format!("connecting to {db_url}: {e}"))?;
-        c.batch_execute(tether_shared::SCHEMA_SQL)
+        tether_worker::store::apply_schema(&mut c)
             .map_err(|e| format!("applying the schema: {e}"))?;
         drop(c);
         let dir = o.tether_bin.as_ref().and_then(|p| {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tether_client::{Client, ClientError, ClientEvent, ClientHandle, ClientOptions, Rest};
-use tether_shared::auth::{self, Secret};
+use tether_protocol::auth::{self, Secret};
 
 /// Micros since the first call in this process (send timestamps in bodies).
 pub fn now_us() -> u64 {

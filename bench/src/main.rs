@@ -13,7 +13,7 @@ use shard::{Coord, Shard};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tether_shared::auth::Secret;
+use tether_protocol::auth::Secret;
 
 const USAGE: &str = "\
 tether-bench SCENARIO [options]

@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether_client::{Client, ClientEvent, ClientOptions, EventFrame, Rest, TokenSource};
-use tether_shared::auth::{self, Secret};
-use tether_shared::pgcluster::{PgCluster, PgOptions};
+use tether_pgcluster::{PgCluster, PgOptions};
+use tether_protocol::auth::{self, Secret};
 
 const SECRET: &str = "tether-client-test-secret";
 const T: Duration = Duration::from_secs(60);
@@ -32,8 +32,7 @@ fn start_db() -> PgCluster {
         })
         .expect("starting PostgreSQL");
         let mut c = postgres_client(&pg.url());
-        c.batch_execute(tether_shared::SCHEMA_SQL)
-            .expect("applying the schema");
+        tether_worker::store::apply_schema(&mut c).expect("applying the schema");
         pg
     })
     .join()

@@ -1,13 +1,13 @@
 //! The supervisor's end of one worker's control socket: non-blocking reads
 //! split into lines ([`LineBuf`]) and parsed as
-//! [`tether_shared::control::WorkerMessage`]s, and best-effort writes of
+//! [`tether_protocol::control::WorkerMessage`]s, and best-effort writes of
 //! `status` lines.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
-use tether_shared::control::{ClusterStatus, SupervisorMessage, WorkerMessage};
+use tether_protocol::control::{ClusterStatus, SupervisorMessage, WorkerMessage};
 
 /// A worker line longer than this is garbage: the buffer is dropped.
 const MAX_LINE: usize = 4096;

@@ -1,13 +1,13 @@
 //! Dev mode (no `DATABASE_URL`) and the schema.
 //!
 //! - [`DevCluster::start`]: a private PostgreSQL in `<data-dir>/pg` through
-//!   [`tether_shared::pgcluster::PgCluster::start_in`], on the fixed port
+//!   [`tether_pgcluster::PgCluster::start_in`], on the fixed port
 //!   [`DEV_PG_PORT`] (or the next free one), so the same cluster and port
 //!   are reused across runs. It is stopped when the `DevCluster` is
 //!   dropped, which `main` does after every worker has exited.
 //! - [`load_or_create_secret`]: the token key kept in `<data-dir>/secret`
 //!   (mode 0600), generated on first use.
-//! - [`apply_schema`]: applies [`tether_shared::SCHEMA_SQL`] before any
+//! - [`apply_schema`]: applies `schema.sql` (as every worker does: [`tether_worker::store::apply_schema`]) before any
 //!   worker starts. The `postgres` client runs a tokio runtime inside, and
 //!   the supervisor process stays free of tokio and threads, so the schema
 //!   is applied by a short-lived child: `tether schema` ([`schema_main`]).
@@ -20,7 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use tether_shared::pgcluster::{PgCluster, PgError, PgOptions};
+use tether_pgcluster::{PgCluster, PgError, PgOptions};
 
 /// The private PostgreSQL's preferred port; the next free one is taken if
 /// it is busy.
@@ -168,7 +168,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<(String, bool), DevError
     }
     ensure_dir(data_dir)?;
     let path = secret_path(data_dir);
-    let secret = tether_shared::auth::Secret::generate_hex();
+    let secret = tether_protocol::auth::Secret::generate_hex();
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -221,7 +221,8 @@ pub fn schema_main(database_url: Option<&str>) -> ExitCode {
     }
     let result = config
         .connect(postgres::NoTls)
-        .and_then(|mut client| client.batch_execute(tether_shared::SCHEMA_SQL));
+        .map_err(tether_worker::store::StoreError::from)
+        .and_then(|mut client| tether_worker::store::apply_schema(&mut client));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -29,7 +29,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 
-use tether_shared::auth::{self, Secret};
+use tether_protocol::auth::{self, Secret};
 
 use crate::config::{Parsed, Sub};
 use crate::devmode::DevCluster;

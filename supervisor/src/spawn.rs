@@ -1,6 +1,6 @@
 //! Starting one worker: fork+exec of `tether-worker` with the listening
 //! socket at fd 3 and its end of a fresh control socketpair at fd 4, as
-//! [`tether_shared::control`] defines.
+//! [`tether_protocol::control`] defines.
 //!
 //! `std::process::Command` does the fork+exec and reports exec failures;
 //! the `command-fds` crate's `fd_mappings` dup2s the two sockets into place
@@ -19,7 +19,9 @@ use std::process::{Command, Stdio};
 
 use command_fds::{CommandFdExt, FdMapping};
 use nix::unistd::Pid;
-use tether_shared::control::{CONTROL_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_WORKER_ID, LISTEN_FD};
+use tether_protocol::control::{
+    CONTROL_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_WORKER_ID, LISTEN_FD,
+};
 
 use crate::channel::Channel;
 

@@ -34,7 +34,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
-use tether_shared::control::{ClusterStatus, WorkerMessage};
+use tether_protocol::control::{ClusterStatus, WorkerMessage};
 
 use crate::channel::Channel;
 use crate::config::{Config, BACKOFF_RESET_AFTER};

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use tether_shared::auth::{self, Secret};
+use tether_protocol::auth::{self, Secret};
 
 use crate::config::Cli;
 use crate::devmode::{read_secret, secret_path};

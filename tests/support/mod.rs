@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tether_shared::auth::{self, Secret};
-use tether_shared::pgcluster::{PgCluster, PgError, PgOptions};
+use tether_pgcluster::{PgCluster, PgError, PgOptions};
+use tether_protocol::auth::{self, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -169,8 +169,7 @@ impl TestDb {
                     url,
                 }),
             };
-            db.client()
-                .batch_execute(tether_shared::SCHEMA_SQL)
+            tether_worker::store::apply_schema(&mut db.client())
                 .unwrap_or_else(|e| panic!("applying schema.sql: {e}"));
             db
         })

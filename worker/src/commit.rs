@@ -12,13 +12,13 @@
 use crate::fanout::Dispatcher;
 use crate::frame::Frame;
 use crate::metrics::Metrics;
+use crate::store::{
+    self, AppendStatements, Appended, DbSettings, NewMessage, NoticeKey, StoreError,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use tether_shared::store::{
-    self, AppendStatements, Appended, DbSettings, NewMessage, NoticeKey, StoreError,
-};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a send's result goes.

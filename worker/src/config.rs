@@ -19,7 +19,7 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
-use tether_shared::control::ENV_WORKER_ID;
+use tether_protocol::control::ENV_WORKER_ID;
 
 /// The options that tune a worker, shared by `tether worker`,
 /// `tether-worker` and `tether` (which passes them on to its workers).

@@ -1,5 +1,5 @@
 //! The worker's side of the supervisor's control socket (see
-//! `tether_shared::control`): says `ready`, `hb` every 500 ms and
+//! `tether_protocol::control`): says `ready`, `hb` every 500 ms and
 //! `draining`; reads the cluster `status` lines shown in `/health`; drains
 //! when the socket closes (the supervisor is gone).
 
@@ -9,7 +9,7 @@ use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_shared::control::{
+use tether_protocol::control::{
     ClusterStatus, SupervisorMessage, WorkerMessage, ENV_CONTROL_FD, HEARTBEAT_INTERVAL_MS,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

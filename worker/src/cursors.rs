@@ -4,10 +4,10 @@
 //! client gets those events again: cursors never move backwards and never
 //! past what was committed.
 
+use crate::store::{self, Pool};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tether_shared::store::{self, Pool};
 
 /// Highest acked seq per (conversation, user), not yet written.
 type PendingAcks = HashMap<(i64, Arc<str>), i64>;

@@ -7,7 +7,7 @@
 //! straight from the commit lanes) and from the LISTEN connection, which
 //! hears every other worker and host. A notification's content (the
 //! committed events riding along) is used only when the payload is
-//! authenticated (see `tether_shared::store::notice`); anything else is a
+//! authenticated (see `crate::store::notice`); anything else is a
 //! hint that makes the dispatcher read the log, which is the truth.
 //!
 //! The hand-off from a connection's backlog to live delivery: the
@@ -34,12 +34,12 @@ use crate::dispatch::{Action, ConnId, Input, State};
 use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::recent::RecentFrames;
+use crate::store::{self, DbSettings, Notice, NoticeKey, Pool, StoreError, NOTIFY_CHANNEL};
 use postgres::fallible_iterator::FallibleIterator;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_shared::store::{self, DbSettings, Notice, NoticeKey, Pool, StoreError, NOTIFY_CHANNEL};
 use tokio::sync::{mpsc, watch};
 
 /// Events read per conversation per catch-up query.

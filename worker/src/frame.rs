@@ -3,7 +3,7 @@
 //! receives the conversation.
 
 use std::time::Instant;
-use tether_shared::frames::{
+use tether_protocol::frames::{
     Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_JOINED, EVENT_MEMBER_LEFT,
 };
 use tokio_tungstenite::tungstenite::Utf8Bytes;

@@ -4,11 +4,11 @@
 //! on the database itself. A failed store call marks the database down at
 //! once; the next successful probe marks it up.
 
+use crate::store;
 use crate::App;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_shared::store;
 
 /// A response slower than this makes `/health` say degraded.
 pub const SLOW_DB_MS: u64 = 500;

@@ -6,6 +6,8 @@
 
 use crate::commit::{ReplyTo, SendRequest};
 use crate::phase::Phase;
+use crate::store::StoreFailure;
+use crate::store::{self, NewMessage, StoreError};
 use crate::{members, ws, App};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,10 +22,8 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tether_shared::auth;
-use tether_shared::error_code::StoreFailure;
-use tether_shared::frames::{http_error_body, validate_client_msg_id};
-use tether_shared::store::{self, NewMessage, StoreError};
+use tether_protocol::auth;
+use tether_protocol::frames::{http_error_body, validate_client_msg_id};
 use tokio::net::TcpListener;
 
 pub type Body = Full<Bytes>;

@@ -22,6 +22,8 @@
 //! - [`control`]: the supervisor's control socket (ready, heartbeat, status);
 //! - [`ratelimit`]: per-user send rate;
 //! - [`recent`]: recent frames per conversation, shared by backlog replays;
+//! - [`store`]: the PostgreSQL event log (schema, write path, reads; the
+//!   notification codec; membership writes and roles);
 //! - [`socket`]: where the listening socket comes from;
 //! - [`demo`]: the demo chat page at `/demo/`.
 
@@ -46,6 +48,7 @@ pub mod ratelimit;
 pub mod recent;
 pub mod sequencer;
 pub mod socket;
+pub mod store;
 pub mod ws;
 
 use crate::commit::Committer;
@@ -57,12 +60,12 @@ use crate::health::DbHealth;
 use crate::metrics::Metrics;
 use crate::phase::{PhaseCell, ShutdownReason};
 use crate::ratelimit::RateLimiter;
+use crate::store::{DbSettings, NoticeKey, Pool};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_shared::auth::Secret;
-use tether_shared::store::{self, DbSettings, NoticeKey, Pool};
+use tether_protocol::auth::Secret;
 use tokio::net::TcpListener;
 
 /// Everything a request or connection handler needs, shared by `Arc`.

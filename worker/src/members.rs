@@ -1,18 +1,18 @@
 //! The membership routes: create a conversation, add, remove, change a
 //! role. Each validates its input, runs one store write (which enforces
-//! the roles, see `tether_shared::store::membership`), and after COMMIT
+//! the roles, see `crate::store::membership`), and after COMMIT
 //! hands the new events to this worker's fan-out before answering.
 
 use crate::frame::Frame;
 use crate::http::{error_response, invalid, json_response, read_json, store_error_response, Body};
+use crate::store::{self, History, MembershipChange, NoticeKey, Role, StoreError};
 use crate::App;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
-use tether_shared::auth::valid_user_id;
-use tether_shared::store::{self, History, MembershipChange, NoticeKey, Role, StoreError};
+use tether_protocol::auth::valid_user_id;
 
 const USER_ID_RULE: &str = "1-64 chars of [A-Za-z0-9_.@-]";
 

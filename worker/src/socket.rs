@@ -4,7 +4,7 @@
 
 use std::net::TcpListener as StdListener;
 use std::os::fd::{FromRawFd, RawFd};
-use tether_shared::control::ENV_LISTEN_FD;
+use tether_protocol::control::ENV_LISTEN_FD;
 
 /// Why no listening socket could be had.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,11 @@
-//! A private PostgreSQL cluster of our own: `initdb`, start, stop, clean up.
+//! tether-pgcluster: a private PostgreSQL cluster of our own: `initdb`,
+//! start, stop, clean up.
 //!
-//! Used by the tests (a throwaway cluster per test, [`PgCluster::start_temp`])
-//! and by the supervisor's dev mode (a persistent cluster in its data
-//! directory, [`PgCluster::start_in`]). This module owns:
+//! Used by the tests and the load tool (a throwaway cluster per test,
+//! [`PgCluster::start_temp`]) and by the supervisor's dev mode (a
+//! persistent cluster in its data directory, [`PgCluster::start_in`]). A
+//! crate of its own so that neither the worker nor the protocol links it:
+//! it is tooling, not the gateway. This crate owns:
 //!
 //! - finding the server binaries ([`find_pg_bin`]: `PATH` first, then
 //!   Debian's `/usr/lib/postgresql/<version>/bin`, highest version);

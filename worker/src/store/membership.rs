@@ -18,10 +18,10 @@
 
 use super::notice::{Notice, NoticeKey};
 use super::{event_from_row, StoreError, EVENT_COLUMNS, NOTIFY_CHANNEL};
-use crate::frames::{
+use postgres::{Client, Transaction};
+use tether_protocol::frames::{
     Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_JOINED, EVENT_MEMBER_LEFT, EVENT_MEMBER_ROLE,
 };
-use postgres::{Client, Transaction};
 
 /// Most members a conversation may be created with in one request.
 pub const MAX_INITIAL_MEMBERS: usize = 1000;

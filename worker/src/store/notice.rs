@@ -18,10 +18,10 @@
 //! Parsing never panics, whatever the bytes: every field is checked, and
 //! anything malformed is skipped.
 
-use crate::auth::valid_user_id;
-use crate::frames::Event;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tether_protocol::auth::valid_user_id;
+use tether_protocol::frames::Event;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -242,8 +242,8 @@ fn id(field: Option<&str>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frames::EVENT_MESSAGE_CREATED;
     use proptest::prelude::*;
+    use tether_protocol::frames::EVENT_MESSAGE_CREATED;
 
     fn key() -> NoticeKey {
         NoticeKey::derive(b"0123456789abcdef0123456789abcdef")

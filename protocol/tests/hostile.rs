@@ -4,8 +4,8 @@
 //! should not. Bounded (a few thousand cases), so they run in CI.
 
 use proptest::prelude::*;
-use tether_shared::auth::{self, AuthError, Secret};
-use tether_shared::frames::ClientFrame;
+use tether_protocol::auth::{self, AuthError, Secret};
+use tether_protocol::frames::ClientFrame;
 
 const CODES: &[&str] = &["bad_frame", "unknown_type", "invalid_field"];
 

@@ -23,19 +23,25 @@
 pub mod membership;
 pub mod notice;
 
+/// The whole schema, applied at every start (idempotent).
+pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
+
 pub use membership::{
     add_member, create_conversation, remove_member, set_role, History, MembershipChange, Role,
     MAX_INITIAL_MEMBERS,
 };
 pub use notice::{Notice, NoticeKey};
+use tether_protocol::error_code::ErrorCode;
 
-use crate::frames::{Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_ROLE, EVENT_MESSAGE_CREATED};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
+use tether_protocol::frames::{
+    Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_ROLE, EVENT_MESSAGE_CREATED,
+};
 
 /// The LISTEN/NOTIFY channel every committing transaction notifies.
 pub const NOTIFY_CHANNEL: &str = "tether_events";
@@ -86,6 +92,39 @@ impl From<postgres::Error> for StoreError {
 impl From<r2d2::Error> for StoreError {
     fn from(e: r2d2::Error) -> StoreError {
         StoreError::Unavailable(format!("no database connection: {e}"))
+    }
+}
+
+/// What a client is told about a failed store operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreFailure {
+    pub code: ErrorCode,
+    /// Safe to show: internal details stay in the log.
+    pub message: String,
+    /// Seconds after which a retry may succeed.
+    pub retry_after: Option<u64>,
+}
+
+impl From<&StoreError> for StoreFailure {
+    fn from(e: &StoreError) -> StoreFailure {
+        let (code, message, retry_after) = match e {
+            StoreError::Unavailable(_) => (
+                ErrorCode::DatabaseUnavailable,
+                "the database is unavailable; nothing was written, retry later (with the same client_msg_id)".to_string(),
+                Some(1),
+            ),
+            StoreError::NotFound(_) | StoreError::NotMember { .. } => {
+                (ErrorCode::NotFound, e.to_string(), None)
+            }
+            StoreError::Forbidden(m) => (ErrorCode::Forbidden, m.clone(), None),
+            StoreError::Invalid(m) => (ErrorCode::InvalidField, m.clone(), None),
+            StoreError::Internal(_) => (ErrorCode::Internal, "internal error".to_string(), None),
+        };
+        StoreFailure {
+            code,
+            message,
+            retry_after,
+        }
     }
 }
 
@@ -210,7 +249,7 @@ pub fn apply_schema(client: &mut Client) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock(7412093)", &[])?;
     // "already exists, skipping" notices are expected on every start.
     tx.batch_execute("SET LOCAL client_min_messages = warning")?;
-    tx.batch_execute(crate::SCHEMA_SQL)?;
+    tx.batch_execute(SCHEMA_SQL)?;
     tx.commit()?;
     Ok(())
 }
