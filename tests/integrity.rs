@@ -592,3 +592,22 @@ async fn a_repair_waiting_for_the_database_ends_on_drain_and_on_close() {
     assert_eq!(bob.wait_close(Duration::from_secs(5)).await, Some(1001));
     assert!(w.wait_exit_async(T).await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_offered_as_a_subprotocol_authenticates_and_tether_v1_is_echoed() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    create_conversation(w.addr(), "alice", &["bob"]).await;
+    let (mut bob, chosen) = WsClient::connect_with_subprotocol(&w.ws_url(), &tok("bob"))
+        .await
+        .expect("the subprotocol token is accepted");
+    assert_eq!(chosen.as_deref(), Some("tether.v1"));
+    let backlog = bob.read_until_synced(T).await;
+    assert_eq!(bob.hello.as_ref().unwrap()["user"], "bob");
+    assert_eq!(backlog.len(), 1);
+    // A bad token offered that way is refused before the upgrade.
+    match WsClient::connect_with_subprotocol(&w.ws_url(), "not.a.token").await {
+        Ok(_) => panic!("a bad subprotocol token was accepted"),
+        Err(e) => assert!(e.to_string().contains("401"), "{e}"),
+    }
+}

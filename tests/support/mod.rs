@@ -1096,6 +1096,41 @@ impl WsClient {
         Self::connect_request(ws_url, None).await
     }
 
+    /// Connects offering `Sec-WebSocket-Protocol: tether.v1,
+    /// tether.token.TOKEN` (the token out of the URL, as browsers do);
+    /// returns the subprotocol the server chose too.
+    pub async fn connect_with_subprotocol(
+        ws_url: &str,
+        token: &str,
+    ) -> Result<(WsClient, Option<String>), ConnectError> {
+        let mut request = ws_url
+            .into_client_request()
+            .map_err(|e| ConnectError::Other(format!("bad URL {ws_url}: {e}")))?;
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("tether.v1, tether.token.{token}")
+                .parse()
+                .map_err(|e| ConnectError::Other(format!("bad token: {e}")))?,
+        );
+        let (ws, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| ConnectError::Other(format!("connecting to {ws_url}: {e}")))?;
+        let chosen = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((
+            WsClient {
+                ws,
+                hello: None,
+                close_code: None,
+                closed: false,
+            },
+            chosen,
+        ))
+    }
+
     async fn connect_request(url: &str, bearer: Option<&str>) -> Result<WsClient, ConnectError> {
         let mut request = url
             .into_client_request()

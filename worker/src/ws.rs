@@ -52,7 +52,10 @@ const PAGE: i64 = 1000;
 /// 503 when draining or full, 400 for a request that is not a WebSocket
 /// handshake; otherwise 101 and the connection runs in its own task.
 pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let token = bearer(&req).or_else(|| query_param(req.uri().query(), "token"));
+    let offered = Subprotocols::offered(&req);
+    let token = bearer(&req)
+        .or_else(|| offered.token.clone())
+        .or_else(|| query_param(req.uri().query(), "token"));
     let user = match authenticate(&app, token) {
         Ok(u) => u,
         Err(r) => return r,
@@ -144,7 +147,45 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&derive_accept_key(&key)) {
         r.headers_mut().insert("sec-websocket-accept", v);
     }
+    if offered.v1 {
+        r.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     r
+}
+
+/// The subprotocol the server speaks, echoed when offered.
+pub const SUBPROTOCOL: &str = "tether.v1";
+/// A subprotocol `tether.token.<JWT>` carries the token (browsers cannot set
+/// headers on a WebSocket, and a token in the URL lands in proxy logs).
+pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "tether.token.";
+
+/// What a client offered in `Sec-WebSocket-Protocol`.
+struct Subprotocols {
+    v1: bool,
+    token: Option<String>,
+}
+
+impl Subprotocols {
+    fn offered(req: &Request<Incoming>) -> Subprotocols {
+        let mut out = Subprotocols {
+            v1: false,
+            token: None,
+        };
+        for value in req.headers().get_all("sec-websocket-protocol") {
+            let Ok(list) = value.to_str() else { continue };
+            for p in list.split(',').map(str::trim) {
+                if p == SUBPROTOCOL {
+                    out.v1 = true;
+                } else if let Some(t) = p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX) {
+                    out.token = Some(t.to_string());
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Client frames kept while a repair waits for the database.
