@@ -6,7 +6,7 @@
 //! The page reads its token from the URL fragment (`#token=...`), which a
 //! browser never sends, so tokens do not reach request lines or logs.
 
-use crate::http::Body;
+use crate::respond::Body;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};

@@ -15,7 +15,11 @@
 //! - [`fanout`]: the dispatcher's shell (inbox, queues, log reads, the
 //!   supervised LISTEN thread);
 //! - [`sequencer`]: what one connection may write (order, membership);
-//! - [`http`]: the REST API, `/health`, `/ready`, `/metrics`, the upgrade;
+//! - [`http`]: the accept loop and dispatch by [`routes`];
+//! - [`request`] / [`respond`]: what a request carries (token, query,
+//!   JSON) and the contract's responses (one mapping of errors);
+//! - [`members`], [`conversations`], [`probes`]: the routes' answers;
+//! - [`upgrade`]: the WebSocket upgrade (token, handshake, limits);
 //! - [`ws`]: one WebSocket connection (backlog, synced, live, sends, acks);
 //! - [`cursors`]: coalesced cursor writes;
 //! - [`health`]: the database probe;
@@ -34,6 +38,7 @@
 pub mod commit;
 pub mod config;
 pub mod control;
+pub mod conversations;
 pub mod cursors;
 pub mod demo;
 pub mod dispatch;
@@ -44,11 +49,16 @@ pub mod http;
 pub mod members;
 pub mod metrics;
 pub mod phase;
+pub mod probes;
 pub mod ratelimit;
 pub mod recent;
+pub mod request;
+pub mod respond;
+pub mod routes;
 pub mod sequencer;
 pub mod socket;
 pub mod store;
+pub mod upgrade;
 pub mod ws;
 
 use crate::commit::Committer;

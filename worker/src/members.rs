@@ -4,7 +4,8 @@
 //! hands the new events to this worker's fan-out before answering.
 
 use crate::frame::Frame;
-use crate::http::{error_response, invalid, json_response, read_json, store_error_response, Body};
+use crate::request::read_json;
+use crate::respond::{error_response, invalid, json_response, store_error_response, Body};
 use crate::store::{self, History, MembershipChange, NoticeKey, Role, StoreError};
 use crate::App;
 use hyper::body::Incoming;

@@ -1,6 +1,6 @@
-//! One WebSocket connection: authenticate before the upgrade, `hello`, the
-//! backlog, `synced`, then live events, sends and acks until either side
-//! closes or the worker drains.
+//! One WebSocket connection, once upgraded ([`crate::upgrade`]): `hello`,
+//! the backlog, `synced`, then live events, sends and acks until either
+//! side closes or the worker drains.
 //!
 //! Every event the connection writes, on every path (backlog, cache,
 //! repair, live), goes through its [`Sequencer`]: only `last + 1` is
@@ -14,21 +14,16 @@
 //! closes or the worker drains. Frames the client sends while a repair
 //! waits are kept (a few) and handled after it.
 
+mod catchup;
+
 use crate::commit::{ConnReply, ReplyTo, SendRequest};
 use crate::fanout::ConnMsg;
-use crate::frame::Frame;
-use crate::http::{
-    authenticate, bearer, check_body, error_response, json_response, query_param, Body,
-};
-use crate::phase::Phase;
-use crate::sequencer::{Sequencer, Verdict};
+use crate::request::check_body;
+use crate::sequencer::Sequencer;
 use crate::store::StoreFailure;
-use crate::store::{self, NewMessage, StoreError};
+use crate::store::{NewMessage, StoreError};
 use crate::App;
 use futures_util::{SinkExt, StreamExt};
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
-use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,156 +32,15 @@ use std::time::{Duration, Instant};
 use tether_protocol::frames::{server, ClientFrame};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Events read per query when replaying a backlog or filling a gap.
 const PAGE: i64 = 1000;
-
-/// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
-/// 503 when draining or full, 400 for a request that is not a WebSocket
-/// handshake; otherwise 101 and the connection runs in its own task.
-pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let offered = Subprotocols::offered(&req);
-    let token = bearer(&req)
-        .or_else(|| offered.token.clone())
-        .or_else(|| query_param(req.uri().query(), "token"));
-    let user = match authenticate(&app, token) {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let headers = req.headers();
-    let is_upgrade = headers
-        .get(UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let version_ok = headers
-        .get("sec-websocket-version")
-        .is_some_and(|v| v.as_bytes() == b"13");
-    let Some(key) = headers
-        .get("sec-websocket-key")
-        .map(|k| k.as_bytes().to_vec())
-    else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "not a WebSocket handshake",
-        );
-    };
-    if !is_upgrade || !version_ok {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "not a WebSocket handshake (version 13)",
-        );
-    }
-    if app.phase.get() == Phase::Draining {
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this worker is draining; reconnect",
-        );
-    }
-    // Reserve the slot now so concurrent upgrades cannot overshoot.
-    let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
-    if open as usize >= app.config.max_connections {
-        app.live_conns.fetch_sub(1, Ordering::AcqRel);
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        let mut r = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "this worker is full",
-        );
-        r.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-        return r;
-    }
-    let on_upgrade = hyper::upgrade::on(req);
-    let config = WebSocketConfig::default()
-        // Idle sockets are most of a gateway's memory: start small (client
-        // frames are small), grow on demand.
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(app.config.max_frame_bytes.max(64 * 1024) * 4)
-        .max_message_size(Some(app.config.max_frame_bytes))
-        .max_frame_size(Some(app.config.max_frame_bytes));
-    let task = async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                Connection::run(app.clone(), socket, user).await;
-            }
-            Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
-        }
-        app.live_conns.fetch_sub(1, Ordering::AcqRel);
-    };
-    // An idle connection costs this task (about 2.3 KB of future state),
-    // its socket's buffers and two channels: see README, Performance.
-    tokio::spawn(task);
-    let mut r = json_response(StatusCode::SWITCHING_PROTOCOLS, String::new());
-    r.headers_mut().remove(hyper::header::CONTENT_TYPE);
-    r.headers_mut()
-        .insert(UPGRADE, HeaderValue::from_static("websocket"));
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(&key)) {
-        r.headers_mut().insert("sec-websocket-accept", v);
-    }
-    if offered.v1 {
-        r.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
-    }
-    r
-}
-
-/// The subprotocol the server speaks, echoed when offered.
-pub const SUBPROTOCOL: &str = "tether.v1";
-/// A subprotocol `tether.token.<JWT>` carries the token (browsers cannot set
-/// headers on a WebSocket, and a token in the URL lands in proxy logs).
-pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "tether.token.";
-
-/// What a client offered in `Sec-WebSocket-Protocol`.
-struct Subprotocols {
-    v1: bool,
-    token: Option<String>,
-}
-
-impl Subprotocols {
-    fn offered(req: &Request<Incoming>) -> Subprotocols {
-        let mut out = Subprotocols {
-            v1: false,
-            token: None,
-        };
-        for value in req.headers().get_all("sec-websocket-protocol") {
-            let Ok(list) = value.to_str() else { continue };
-            for p in list.split(',').map(str::trim) {
-                if p == SUBPROTOCOL {
-                    out.v1 = true;
-                } else if let Some(t) = p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX) {
-                    out.token = Some(t.to_string());
-                }
-            }
-        }
-        out
-    }
-}
 
 /// Client frames kept while a repair waits for the database.
 const MAX_DEFERRED: usize = 64;
@@ -202,7 +56,7 @@ enum End {
     Internal(&'static str),
 }
 
-struct Connection {
+pub(crate) struct Connection {
     app: Arc<App>,
     id: u64,
     user: Arc<str>,
@@ -251,7 +105,7 @@ where
 }
 
 impl Connection {
-    async fn run(app: Arc<App>, socket: Socket, user: Arc<str>) {
+    pub(crate) async fn run(app: Arc<App>, socket: Socket, user: Arc<str>) {
         let id = app.next_conn_id();
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
@@ -466,275 +320,6 @@ impl Connection {
         let _ = self.flush().await;
     }
 
-    /// Registers interest, reads memberships, subscribes, replays every
-    /// event above the cursor of every conversation, says `synced`.
-    /// Retries while the database is down (the socket stays open).
-    async fn replay_backlog(&mut self) -> Result<(), End> {
-        let mut told_unavailable = false;
-        let memberships = loop {
-            let user = self.user.to_string();
-            match self.app.db(move |c| store::memberships(c, &user)).await {
-                Ok(m) => break m,
-                Err(e) if e.is_unavailable() => {
-                    if !told_unavailable {
-                        told_unavailable = true;
-                        let f = server::error(
-                            "database_unavailable",
-                            "the database is unavailable; your backlog follows when it returns",
-                            None,
-                            Some(1),
-                        );
-                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
-                    }
-                    self.pause(Duration::from_millis(500), false).await?;
-                }
-                Err(e) => {
-                    log::error!("user={} conn={}: memberships: {e}", self.user, self.id);
-                    return Err(End::Internal("could not read memberships"));
-                }
-            }
-        };
-        for m in &memberships {
-            self.seq.start(m.conversation_id, m.cursor);
-        }
-        #[cfg(feature = "fault-injection")]
-        self.fault_hold_before_subscribe().await;
-        self.app
-            .dispatcher
-            .subscribe(
-                self.id,
-                memberships
-                    .iter()
-                    .map(|m| (m.conversation_id, m.last_seq))
-                    .collect(),
-            )
-            .await;
-        let mut replayed = 0u64;
-        for m in &memberships {
-            let (c, upto) = (m.conversation_id, m.last_seq);
-            // Members of one conversation missed the same events: the
-            // first to reconnect reads them, the rest are served from memory.
-            if let Some(frames) = self.app.recent.get(c, m.cursor, upto) {
-                for f in &frames {
-                    replayed += 1;
-                    self.write_frame(f).await?;
-                }
-                self.flush().await.map_err(|_| End::ClientClosed)?;
-                continue;
-            }
-            let mut after = m.cursor;
-            while after < upto {
-                let page = match self
-                    .app
-                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(e) if e.is_unavailable() => {
-                        self.pause(Duration::from_millis(500), false).await?;
-                        continue;
-                    }
-                    Err(e) => {
-                        log::error!("user={} conn={}: backlog of {c}: {e}", self.user, self.id);
-                        return Err(End::Internal("could not read the backlog"));
-                    }
-                };
-                if page.is_empty() {
-                    break;
-                }
-                let now = Instant::now();
-                let frames: Vec<Arc<Frame>> = page
-                    .iter()
-                    .map(|e| Arc::new(Frame::from_event(e, now)))
-                    .collect();
-                self.app.recent.put(c, &frames);
-                for f in &frames {
-                    after = f.seq;
-                    replayed += 1;
-                    self.write_frame(f).await?;
-                }
-                self.flush().await.map_err(|_| End::ClientClosed)?;
-            }
-        }
-        self.app.metrics.backlog_events.observe(replayed as f64);
-        self.write_now(server::synced())
-            .await
-            .map_err(|_| End::ClientClosed)?;
-        log::debug!(
-            "user={} conn={}: synced after {replayed} backlog events",
-            self.user,
-            self.id
-        );
-        Ok(())
-    }
-
-    /// Test-only (fault injection): with `TETHER_FAULT_HOLD_SUBSCRIBE_DIR`
-    /// set (and `TETHER_FAULT_HOLD_SUBSCRIBE_USER` naming this user, if
-    /// set), hold this connection between its memberships read and its
-    /// subscribe until the file `release` appears there (at most 30 s),
-    /// after saying so with a file `held-<user>-<conn>`: the test widens
-    /// the race between reading memberships and subscribing at will.
-    #[cfg(feature = "fault-injection")]
-    async fn fault_hold_before_subscribe(&mut self) {
-        let Some(dir) = std::env::var_os("TETHER_FAULT_HOLD_SUBSCRIBE_DIR") else {
-            return;
-        };
-        if std::env::var("TETHER_FAULT_HOLD_SUBSCRIBE_USER").is_ok_and(|u| u != *self.user) {
-            return;
-        }
-        let dir = std::path::PathBuf::from(dir);
-        let _ = std::fs::write(dir.join(format!("held-{}-{}", self.user, self.id)), b"");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !dir.join("release").exists() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Sleeps `d`, but ends early, with the reason, if the client closes
-    /// or the worker drains. Frames the client sends meanwhile are refused
-    /// before `synced` (the client must wait for its backlog) and kept for
-    /// later after it (up to [`MAX_DEFERRED`]; beyond, they wait in the
-    /// socket).
-    async fn pause(&mut self, d: Duration, synced: bool) -> Result<(), End> {
-        let sleep = tokio::time::sleep(d);
-        tokio::pin!(sleep);
-        let mut phase = self.app.phase.subscribe();
-        let drain = crate::phase::until_draining(&mut phase);
-        tokio::pin!(drain);
-        loop {
-            let can_read = !synced || self.deferred.len() < MAX_DEFERRED;
-            tokio::select! {
-                _ = &mut sleep => return Ok(()),
-                _ = &mut drain => return Err(End::Draining),
-                m = self.ws.next(), if can_read => match m {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
-                    Some(Ok(m)) if synced => self.deferred.push_back(m),
-                    Some(Ok(Message::Text(_))) | Some(Ok(Message::Binary(_))) => {
-                        let f = server::error("not_synced", "wait for synced before sending", None, Some(1));
-                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
-                    }
-                    Some(Ok(_)) => {}
-                },
-            }
-        }
-    }
-
-    /// Writes a frame of the backlog or a repair (contiguous, read from
-    /// the log or the cache) if the sequencer allows it.
-    async fn write_frame(&mut self, f: &Frame) -> Result<(), End> {
-        match self.seq.offer(f) {
-            Verdict::Write => self
-                .write(f.text.clone())
-                .await
-                .map_err(|_| End::ClientClosed),
-            Verdict::Skip => Ok(()),
-            Verdict::Gap { after, upto } => {
-                // A contiguous read has no gap: the log changed under us,
-                // which it never does. Refuse to skip anything.
-                log::error!(
-                    "user={} conn={} conversation={}: gap {}..{} inside a contiguous read",
-                    self.user,
-                    self.id,
-                    f.conversation_id,
-                    after + 1,
-                    upto
-                );
-                Err(End::Internal("event log read out of order"))
-            }
-        }
-    }
-
-    async fn on_conn_msg(&mut self, msg: ConnMsg) -> Result<(), End> {
-        match msg {
-            ConnMsg::Event(f) => self.on_event(f).await,
-            ConnMsg::Backfill {
-                conversation_id,
-                after,
-                upto,
-            } => {
-                let start = self.seq.replay_start(conversation_id, after);
-                if start < upto {
-                    Box::pin(self.repair(conversation_id, start, upto)).await?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Reads (after, upto] from the log and writes what the sequencer
-    /// allows (nothing after the user's own `member.left` unless they join
-    /// again within the range). Waits for
-    /// an unavailable database only while the client stays and the worker
-    /// serves.
-    async fn repair(&mut self, c: i64, mut after: i64, upto: i64) -> Result<(), End> {
-        while after < upto {
-            self.app
-                .metrics
-                .catchup_reads
-                .fetch_add(1, Ordering::Relaxed);
-            let page = loop {
-                match self
-                    .app
-                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
-                    .await
-                {
-                    Ok(p) => break p,
-                    Err(e) if e.is_unavailable() => {
-                        self.pause(Duration::from_millis(250), true).await?
-                    }
-                    Err(e) => {
-                        log::error!("user={} conn={}: repair of {c}: {e}", self.user, self.id);
-                        return Err(End::Internal("could not read the event log"));
-                    }
-                }
-            };
-            if page.is_empty() {
-                return Ok(());
-            }
-            let now = Instant::now();
-            for e in &page {
-                after = e.seq;
-                self.write_frame(&Frame::from_event(e, now)).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A frame from the dispatcher: written in order, after repairing any
-    /// gap before it, if the sequencer allows it.
-    async fn on_event(&mut self, f: Arc<Frame>) -> Result<(), End> {
-        loop {
-            match self.seq.offer(&f) {
-                Verdict::Write => {
-                    return self
-                        .write(f.text.clone())
-                        .await
-                        .map_err(|_| End::ClientClosed)
-                }
-                Verdict::Skip => return Ok(()),
-                Verdict::Gap { after, upto } => {
-                    log::debug!(
-                        "user={} conn={} conversation={}: gap {}..{}, repairing",
-                        self.user,
-                        self.id,
-                        f.conversation_id,
-                        after + 1,
-                        upto
-                    );
-                    Box::pin(self.repair(f.conversation_id, after, upto)).await?;
-                    match self.seq.last(f.conversation_id) {
-                        // The log ended before `upto`: it cannot, but never
-                        // loop on it.
-                        Some(last) if last < upto => {
-                            return Err(End::Internal("event log shorter than announced"))
-                        }
-                        _ => {} // repaired, or left: offer `f` again
-                    }
-                }
-            }
-        }
-    }
-
     /// Handles one frame from the client. `Ok(false)`: the client closed.
     async fn on_client_message(&mut self, m: Message) -> Result<bool, End> {
         match m {
@@ -803,7 +388,7 @@ impl Connection {
                 client_msg_id,
             } => {
                 if let Err((code, msg)) = check_body(&self.app, &body) {
-                    server::error(code, &msg, Some(&client_msg_id), None)
+                    server::error(code.as_str(), &msg, Some(&client_msg_id), None)
                 } else if let Err(secs) = self.app.rate.check(&self.user) {
                     self.app
                         .metrics

@@ -1,0 +1,159 @@
+//! The WebSocket upgrade of `GET /v1/ws`: the token (header,
+//! subprotocol, or `?token=`) is checked before anything else, then the
+//! handshake, the worker's limits and the socket's buffers; the
+//! connection itself runs in [`crate::ws`].
+
+use crate::phase::Phase;
+use crate::request::{authenticate, bearer, query_param};
+use crate::respond::{error_response, json_response, Body};
+use crate::ws::Connection;
+use crate::App;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+/// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
+/// 503 when draining or full, 400 for a request that is not a WebSocket
+/// handshake; otherwise 101 and the connection runs in its own task.
+pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let offered = Subprotocols::offered(&req);
+    let token = bearer(&req)
+        .or_else(|| offered.token.clone())
+        .or_else(|| query_param(req.uri().query(), "token"));
+    let user = match authenticate(&app, token) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = headers
+        .get("sec-websocket-version")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = headers
+        .get("sec-websocket-key")
+        .map(|k| k.as_bytes().to_vec())
+    else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not a WebSocket handshake",
+        );
+    };
+    if !is_upgrade || !version_ok {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not a WebSocket handshake (version 13)",
+        );
+    }
+    if app.phase.get() == Phase::Draining {
+        app.metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this worker is draining; reconnect",
+        );
+    }
+    // Reserve the slot now so concurrent upgrades cannot overshoot.
+    let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
+    if open as usize >= app.config.max_connections {
+        app.live_conns.fetch_sub(1, Ordering::AcqRel);
+        app.metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let mut r = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "this worker is full",
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return r;
+    }
+    let on_upgrade = hyper::upgrade::on(req);
+    let config = WebSocketConfig::default()
+        // Idle sockets are most of a gateway's memory: start small (client
+        // frames are small), grow on demand.
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(app.config.max_frame_bytes.max(64 * 1024) * 4)
+        .max_message_size(Some(app.config.max_frame_bytes))
+        .max_frame_size(Some(app.config.max_frame_bytes));
+    let task = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                Connection::run(app.clone(), socket, user).await;
+            }
+            Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
+        }
+        app.live_conns.fetch_sub(1, Ordering::AcqRel);
+    };
+    // An idle connection costs this task (about 2.3 KB of future state),
+    // its socket's buffers and two channels: see README, Performance.
+    tokio::spawn(task);
+    let mut r = json_response(StatusCode::SWITCHING_PROTOCOLS, String::new());
+    r.headers_mut().remove(hyper::header::CONTENT_TYPE);
+    r.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static("websocket"));
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(&key)) {
+        r.headers_mut().insert("sec-websocket-accept", v);
+    }
+    if offered.v1 {
+        r.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    r
+}
+
+/// The subprotocol the server speaks, echoed when offered.
+pub const SUBPROTOCOL: &str = "tether.v1";
+/// A subprotocol `tether.token.<JWT>` carries the token (browsers cannot set
+/// headers on a WebSocket, and a token in the URL lands in proxy logs).
+pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "tether.token.";
+
+/// What a client offered in `Sec-WebSocket-Protocol`.
+struct Subprotocols {
+    v1: bool,
+    token: Option<String>,
+}
+
+impl Subprotocols {
+    fn offered(req: &Request<Incoming>) -> Subprotocols {
+        let mut out = Subprotocols {
+            v1: false,
+            token: None,
+        };
+        for value in req.headers().get_all("sec-websocket-protocol") {
+            let Ok(list) = value.to_str() else { continue };
+            for p in list.split(',').map(str::trim) {
+                if p == SUBPROTOCOL {
+                    out.v1 = true;
+                } else if let Some(t) = p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX) {
+                    out.token = Some(t.to_string());
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,289 @@
+//! Getting a connection up to date, on every path where it could fall
+//! behind: the backlog at connect, the dispatcher's frames (with gaps
+//! repaired from the log), and `Backfill` ranges the dispatcher could not
+//! serve from the cache. Every frame goes through the connection's
+//! [`Sequencer`]; every wait for the database ends when the client closes
+//! or the worker drains.
+
+use super::{Connection, End, MAX_DEFERRED, PAGE};
+use crate::fanout::ConnMsg;
+use crate::frame::Frame;
+use crate::sequencer::Verdict;
+use crate::store;
+use futures_util::StreamExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_protocol::frames::server;
+use tokio_tungstenite::tungstenite::Message;
+
+impl Connection {
+    /// Registers interest, reads memberships, subscribes, replays every
+    /// event above the cursor of every conversation, says `synced`.
+    /// Retries while the database is down (the socket stays open).
+    pub(super) async fn replay_backlog(&mut self) -> Result<(), End> {
+        let mut told_unavailable = false;
+        let memberships = loop {
+            let user = self.user.to_string();
+            match self.app.db(move |c| store::memberships(c, &user)).await {
+                Ok(m) => break m,
+                Err(e) if e.is_unavailable() => {
+                    if !told_unavailable {
+                        told_unavailable = true;
+                        let f = server::error(
+                            "database_unavailable",
+                            "the database is unavailable; your backlog follows when it returns",
+                            None,
+                            Some(1),
+                        );
+                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                    }
+                    self.pause(Duration::from_millis(500), false).await?;
+                }
+                Err(e) => {
+                    log::error!("user={} conn={}: memberships: {e}", self.user, self.id);
+                    return Err(End::Internal("could not read memberships"));
+                }
+            }
+        };
+        for m in &memberships {
+            self.seq.start(m.conversation_id, m.cursor);
+        }
+        #[cfg(feature = "fault-injection")]
+        self.fault_hold_before_subscribe().await;
+        self.app
+            .dispatcher
+            .subscribe(
+                self.id,
+                memberships
+                    .iter()
+                    .map(|m| (m.conversation_id, m.last_seq))
+                    .collect(),
+            )
+            .await;
+        let mut replayed = 0u64;
+        for m in &memberships {
+            let (c, upto) = (m.conversation_id, m.last_seq);
+            // Members of one conversation missed the same events: the
+            // first to reconnect reads them, the rest are served from memory.
+            if let Some(frames) = self.app.recent.get(c, m.cursor, upto) {
+                for f in &frames {
+                    replayed += 1;
+                    self.write_frame(f).await?;
+                }
+                self.flush().await.map_err(|_| End::ClientClosed)?;
+                continue;
+            }
+            let mut after = m.cursor;
+            while after < upto {
+                let page = match self
+                    .app
+                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) if e.is_unavailable() => {
+                        self.pause(Duration::from_millis(500), false).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        log::error!("user={} conn={}: backlog of {c}: {e}", self.user, self.id);
+                        return Err(End::Internal("could not read the backlog"));
+                    }
+                };
+                if page.is_empty() {
+                    break;
+                }
+                let now = Instant::now();
+                let frames: Vec<Arc<Frame>> = page
+                    .iter()
+                    .map(|e| Arc::new(Frame::from_event(e, now)))
+                    .collect();
+                self.app.recent.put(c, &frames);
+                for f in &frames {
+                    after = f.seq;
+                    replayed += 1;
+                    self.write_frame(f).await?;
+                }
+                self.flush().await.map_err(|_| End::ClientClosed)?;
+            }
+        }
+        self.app.metrics.backlog_events.observe(replayed as f64);
+        self.write_now(server::synced())
+            .await
+            .map_err(|_| End::ClientClosed)?;
+        log::debug!(
+            "user={} conn={}: synced after {replayed} backlog events",
+            self.user,
+            self.id
+        );
+        Ok(())
+    }
+
+    /// Test-only (fault injection): with `TETHER_FAULT_HOLD_SUBSCRIBE_DIR`
+    /// set (and `TETHER_FAULT_HOLD_SUBSCRIBE_USER` naming this user, if
+    /// set), hold this connection between its memberships read and its
+    /// subscribe until the file `release` appears there (at most 30 s),
+    /// after saying so with a file `held-<user>-<conn>`: the test widens
+    /// the race between reading memberships and subscribing at will.
+    #[cfg(feature = "fault-injection")]
+    async fn fault_hold_before_subscribe(&mut self) {
+        let Some(dir) = std::env::var_os("TETHER_FAULT_HOLD_SUBSCRIBE_DIR") else {
+            return;
+        };
+        if std::env::var("TETHER_FAULT_HOLD_SUBSCRIBE_USER").is_ok_and(|u| u != *self.user) {
+            return;
+        }
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::write(dir.join(format!("held-{}-{}", self.user, self.id)), b"");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.join("release").exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sleeps `d`, but ends early, with the reason, if the client closes
+    /// or the worker drains. Frames the client sends meanwhile are refused
+    /// before `synced` (the client must wait for its backlog) and kept for
+    /// later after it (up to [`MAX_DEFERRED`]; beyond, they wait in the
+    /// socket).
+    async fn pause(&mut self, d: Duration, synced: bool) -> Result<(), End> {
+        let sleep = tokio::time::sleep(d);
+        tokio::pin!(sleep);
+        let mut phase = self.app.phase.subscribe();
+        let drain = crate::phase::until_draining(&mut phase);
+        tokio::pin!(drain);
+        loop {
+            let can_read = !synced || self.deferred.len() < MAX_DEFERRED;
+            tokio::select! {
+                _ = &mut sleep => return Ok(()),
+                _ = &mut drain => return Err(End::Draining),
+                m = self.ws.next(), if can_read => match m {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
+                    Some(Ok(m)) if synced => self.deferred.push_back(m),
+                    Some(Ok(Message::Text(_))) | Some(Ok(Message::Binary(_))) => {
+                        let f = server::error("not_synced", "wait for synced before sending", None, Some(1));
+                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    /// Writes a frame of the backlog or a repair (contiguous, read from
+    /// the log or the cache) if the sequencer allows it.
+    async fn write_frame(&mut self, f: &Frame) -> Result<(), End> {
+        match self.seq.offer(f) {
+            Verdict::Write => self
+                .write(f.text.clone())
+                .await
+                .map_err(|_| End::ClientClosed),
+            Verdict::Skip => Ok(()),
+            Verdict::Gap { after, upto } => {
+                // A contiguous read has no gap: the log changed under us,
+                // which it never does. Refuse to skip anything.
+                log::error!(
+                    "user={} conn={} conversation={}: gap {}..{} inside a contiguous read",
+                    self.user,
+                    self.id,
+                    f.conversation_id,
+                    after + 1,
+                    upto
+                );
+                Err(End::Internal("event log read out of order"))
+            }
+        }
+    }
+
+    pub(super) async fn on_conn_msg(&mut self, msg: ConnMsg) -> Result<(), End> {
+        match msg {
+            ConnMsg::Event(f) => self.on_event(f).await,
+            ConnMsg::Backfill {
+                conversation_id,
+                after,
+                upto,
+            } => {
+                let start = self.seq.replay_start(conversation_id, after);
+                if start < upto {
+                    Box::pin(self.repair(conversation_id, start, upto)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads (after, upto] from the log and writes what the sequencer
+    /// allows (nothing after the user's own `member.left` unless they join
+    /// again within the range). Waits for
+    /// an unavailable database only while the client stays and the worker
+    /// serves.
+    async fn repair(&mut self, c: i64, mut after: i64, upto: i64) -> Result<(), End> {
+        while after < upto {
+            self.app
+                .metrics
+                .catchup_reads
+                .fetch_add(1, Ordering::Relaxed);
+            let page = loop {
+                match self
+                    .app
+                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
+                    .await
+                {
+                    Ok(p) => break p,
+                    Err(e) if e.is_unavailable() => {
+                        self.pause(Duration::from_millis(250), true).await?
+                    }
+                    Err(e) => {
+                        log::error!("user={} conn={}: repair of {c}: {e}", self.user, self.id);
+                        return Err(End::Internal("could not read the event log"));
+                    }
+                }
+            };
+            if page.is_empty() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            for e in &page {
+                after = e.seq;
+                self.write_frame(&Frame::from_event(e, now)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A frame from the dispatcher: written in order, after repairing any
+    /// gap before it, if the sequencer allows it.
+    async fn on_event(&mut self, f: Arc<Frame>) -> Result<(), End> {
+        loop {
+            match self.seq.offer(&f) {
+                Verdict::Write => {
+                    return self
+                        .write(f.text.clone())
+                        .await
+                        .map_err(|_| End::ClientClosed)
+                }
+                Verdict::Skip => return Ok(()),
+                Verdict::Gap { after, upto } => {
+                    log::debug!(
+                        "user={} conn={} conversation={}: gap {}..{}, repairing",
+                        self.user,
+                        self.id,
+                        f.conversation_id,
+                        after + 1,
+                        upto
+                    );
+                    Box::pin(self.repair(f.conversation_id, after, upto)).await?;
+                    match self.seq.last(f.conversation_id) {
+                        // The log ended before `upto`: it cannot, but never
+                        // loop on it.
+                        Some(last) if last < upto => {
+                            return Err(End::Internal("event log shorter than announced"))
+                        }
+                        _ => {} // repaired, or left: offer `f` again
+                    }
+                }
+            }
+        }
+    }
+}
