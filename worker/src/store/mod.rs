@@ -17,38 +17,43 @@
 //! stays the source of truth.
 //!
 //! Submodules: [`notice`], the notification codec; [`membership`], the
-//! membership writes and their rules (roles). Message appends, cursors and
-//! reads are here.
+//! membership writes and their rules (roles); `append`, message writes
+//! (group commit); `read`, cursors and reads. Connections, the pool, the
+//! schema and errors are here.
 
+mod append;
 pub mod membership;
 pub mod notice;
+mod read;
 
 /// The whole schema, applied at every start (idempotent).
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
 
+pub use append::{
+    append_messages, append_messages_with, AppendStatements, Appended, BatchOutcome, NewMessage,
+};
 pub use membership::{
     add_member, create_conversation, remove_member, set_role, History, MembershipChange, Role,
     MAX_INITIAL_MEMBERS,
 };
 pub use notice::{Notice, NoticeKey};
+pub use read::*;
 use tether_protocol::error_code::ErrorCode;
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
-use tether_protocol::frames::{
-    Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_ROLE, EVENT_MESSAGE_CREATED,
-};
+use tether_protocol::frames::{Event, EVENT_CONVERSATION_CREATED, EVENT_MEMBER_ROLE};
 
 /// The LISTEN/NOTIFY channel every committing transaction notifies.
 pub const NOTIFY_CHANNEL: &str = "tether_events";
 
 /// The transaction's time as RFC 3339 UTC with microseconds, as
 /// `created_at` is formatted in [`EVENT_COLUMNS`].
-const NOW_SQL: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
+pub(crate) const NOW_SQL: &str =
+    r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
 
 /// Why a store operation failed. Callers branch on it: `Unavailable` is a
 /// 503 with `Retry-After`, `NotFound` a 404, `Invalid` a 422.
@@ -259,7 +264,7 @@ pub(crate) fn event_from_row(row: &Row) -> Event {
 }
 
 /// An event from [`EVENT_COLUMNS`] starting at column `at`.
-fn event_from_row_at(row: &Row, at: usize) -> Event {
+pub(crate) fn event_from_row_at(row: &Row, at: usize) -> Event {
     let kind: String = row.get(at + 2);
     let payload: Option<String> = row.get(at + 8);
     let (title, members, role) = match (kind.as_str(), payload) {
@@ -296,512 +301,10 @@ fn event_from_row_at(row: &Row, at: usize) -> Event {
 }
 
 /// [`EVENT_COLUMNS`] of an `events e` alias (all NULL when it did not join).
-const EVENT_COLUMNS_E: &str = r#"e.conversation_id, e.seq, e.type, e.sender,
+pub(crate) const EVENT_COLUMNS_E: &str = r#"e.conversation_id, e.seq, e.type, e.sender,
     to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     e.body, e.client_msg_id, e.subject, e.payload::text"#;
 
 pub(crate) const EVENT_COLUMNS: &str = r#"conversation_id, seq, type, sender,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     body, client_msg_id, subject, payload::text"#;
-
-// ---------------------------------------------------------------------------
-// Message writes: group commit
-// ---------------------------------------------------------------------------
-
-/// One message to append.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub conversation_id: i64,
-    pub sender: String,
-    pub body: String,
-    pub client_msg_id: String,
-}
-
-/// The result of one message of a batch.
-#[derive(Debug, Clone)]
-pub struct Appended {
-    pub event: Event,
-    /// True when the same (conversation, sender, client_msg_id) was already
-    /// committed (now or earlier in the batch): nothing new was written.
-    pub duplicate: bool,
-}
-
-/// What a committed batch produced: one result per input, in order, and
-/// the notice sent with the batch.
-#[derive(Debug)]
-pub struct BatchOutcome {
-    pub results: Vec<Result<Appended, StoreError>>,
-    pub notice: Notice,
-    /// The events this batch appended (not duplicates), in (conversation, seq) order.
-    pub new_events: Vec<Event>,
-}
-
-/// The statements of the write path, prepared once per connection (the
-/// commit lanes keep one connection each), so a batch pays no parsing or
-/// planning: three statements and BEGIN/COMMIT per committed batch.
-pub struct AppendStatements {
-    key: NoticeKey,
-    lock: postgres::Statement,
-    resolve: postgres::Statement,
-    write: postgres::Statement,
-}
-
-impl AppendStatements {
-    pub fn prepare(client: &mut Client, key: &NoticeKey) -> Result<AppendStatements, StoreError> {
-        Ok(AppendStatements {
-            key: key.clone(),
-            // 1. Lock the touched conversations (ascending id: no deadlock
-            //    between batches), read their last seq and the commit time.
-            lock: client.prepare(&format!(
-                "SELECT id, last_seq, {NOW_SQL} FROM conversations
-                 WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-            ))?,
-            // 2. After the lock (a fresh snapshot: READ COMMITTED takes one
-            //    per statement), per (conversation, sender, client_msg_id):
-            //    is the sender a member, and was this key committed before?
-            //    Written as per-key lookups (LATERAL ... LIMIT 1) so that
-            //    the plan is an index probe per key whatever the table
-            //    statistics said when the statement was prepared: a hash
-            //    join over a then-empty events table would scan the whole
-            //    log on every batch once it has grown.
-            resolve: client.prepare(&format!(
-                "SELECT k.c, k.s,
-                        EXISTS (SELECT 1 FROM members mm
-                                WHERE mm.conversation_id = k.c AND mm.user_id = k.s),
-                        e.seq IS NOT NULL, {EVENT_COLUMNS_E}
-                 FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
-                 LEFT JOIN LATERAL (
-                     SELECT * FROM events ev
-                     WHERE ev.conversation_id = k.c AND ev.sender = k.s
-                       AND ev.client_msg_id = k.m AND ev.client_msg_id IS NOT NULL
-                     LIMIT 1
-                 ) AS e ON true"
-            ))?,
-            // 3. Insert the events, bump last_seq, announce: one statement.
-            write: client.prepare(
-                "WITH ins AS (
-                     INSERT INTO events (conversation_id, seq, type, sender, created_at, body, client_msg_id)
-                     SELECT c, s, 'message.created', snd, now(), b, m
-                     FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-                          AS t(c, s, snd, b, m)
-                 ), upd AS (
-                     UPDATE conversations c SET last_seq = v.s
-                     FROM unnest($6::bigint[], $7::bigint[]) AS v(id, s) WHERE c.id = v.id
-                 )
-                 SELECT pg_notify($8, $9)",
-            )?,
-        })
-    }
-}
-
-/// Appends a batch of messages in ONE transaction (see
-/// [`append_messages_with`]), preparing the statements first. Lanes keep
-/// an [`AppendStatements`] and call [`append_messages_with`] directly.
-pub fn append_messages(
-    client: &mut Client,
-    key: &NoticeKey,
-    batch: &[NewMessage],
-) -> Result<BatchOutcome, StoreError> {
-    let stmts = AppendStatements::prepare(client, key)?;
-    append_messages_with(client, &stmts, batch)
-}
-
-/// Appends a batch of messages in ONE transaction: locks the touched
-/// conversations (ascending id), resolves idempotency and membership,
-/// assigns seqs, inserts, bumps `last_seq`, sends one NOTIFY, commits.
-///
-/// Per-message problems (not a member, unknown conversation) fail only
-/// that message; a database failure fails the whole batch and commits
-/// nothing. Callers acknowledge only after this returns `Ok`.
-pub fn append_messages_with(
-    client: &mut Client,
-    stmts: &AppendStatements,
-    batch: &[NewMessage],
-) -> Result<BatchOutcome, StoreError> {
-    let mut tx = client.transaction()?;
-
-    let mut conv_ids: Vec<i64> = batch.iter().map(|m| m.conversation_id).collect();
-    conv_ids.sort_unstable();
-    conv_ids.dedup();
-
-    let rows = tx.query(&stmts.lock, &[&conv_ids])?;
-    let mut last_seq: HashMap<i64, i64> = HashMap::with_capacity(rows.len());
-    let mut now = String::new();
-    for r in &rows {
-        last_seq.insert(r.get(0), r.get(1));
-        now = r.get(2);
-    }
-
-    let mut cs = Vec::with_capacity(batch.len());
-    let mut ss = Vec::with_capacity(batch.len());
-    let mut ms = Vec::with_capacity(batch.len());
-    for m in batch
-        .iter()
-        .filter(|m| last_seq.contains_key(&m.conversation_id))
-    {
-        cs.push(m.conversation_id);
-        ss.push(m.sender.as_str());
-        ms.push(m.client_msg_id.as_str());
-    }
-    let mut members: std::collections::HashSet<(i64, String)> = Default::default();
-    let mut existing: HashMap<(i64, String, String), Event> = HashMap::new();
-    if !cs.is_empty() {
-        for r in tx.query(&stmts.resolve, &[&cs, &ss, &ms])? {
-            let (c, sender): (i64, String) = (r.get(0), r.get(1));
-            if r.get::<_, bool>(2) {
-                members.insert((c, sender));
-            }
-            if r.get::<_, bool>(3) {
-                let e = event_from_row_at(&r, 4);
-                let key = (
-                    e.conversation_id,
-                    e.sender.clone(),
-                    e.client_msg_id.clone().unwrap_or_default(),
-                );
-                existing.insert(key, e);
-            }
-        }
-    }
-
-    // Decide every message and assign seqs.
-    let mut results: Vec<Result<Appended, StoreError>> = Vec::with_capacity(batch.len());
-    let mut new_events: Vec<Event> = Vec::new();
-    for m in batch {
-        let Some(last) = last_seq.get_mut(&m.conversation_id) else {
-            results.push(Err(StoreError::NotFound(m.conversation_id)));
-            continue;
-        };
-        if !members.contains(&(m.conversation_id, m.sender.clone())) {
-            results.push(Err(StoreError::NotFound(m.conversation_id)));
-            continue;
-        }
-        let key = (m.conversation_id, m.sender.clone(), m.client_msg_id.clone());
-        if let Some(e) = existing.get(&key) {
-            results.push(Ok(Appended {
-                event: e.clone(),
-                duplicate: true,
-            }));
-            continue;
-        }
-        *last += 1;
-        let event = Event {
-            conversation_id: m.conversation_id,
-            seq: *last,
-            kind: EVENT_MESSAGE_CREATED.to_string(),
-            sender: m.sender.clone(),
-            created_at: now.clone(),
-            body: Some(m.body.clone()),
-            client_msg_id: Some(m.client_msg_id.clone()),
-            user: None,
-            role: None,
-            title: None,
-            members: None,
-        };
-        existing.insert(key, event.clone());
-        new_events.push(event.clone());
-        results.push(Ok(Appended {
-            event,
-            duplicate: false,
-        }));
-    }
-
-    if new_events.is_empty() {
-        tx.rollback()?;
-        return Ok(BatchOutcome {
-            results,
-            notice: Notice::default(),
-            new_events,
-        });
-    }
-
-    new_events.sort_by_key(|e| (e.conversation_id, e.seq));
-    let mut c = Vec::with_capacity(new_events.len());
-    let mut s = Vec::with_capacity(new_events.len());
-    let mut snd = Vec::with_capacity(new_events.len());
-    let mut body = Vec::with_capacity(new_events.len());
-    let mut cmid = Vec::with_capacity(new_events.len());
-    for e in &new_events {
-        c.push(e.conversation_id);
-        s.push(e.seq);
-        snd.push(e.sender.as_str());
-        body.push(e.body.as_deref().unwrap_or(""));
-        cmid.push(e.client_msg_id.as_deref().unwrap_or(""));
-    }
-    let mut touched: Vec<(i64, i64)> = Vec::new();
-    for e in &new_events {
-        match touched.last_mut() {
-            Some((cid, seq)) if *cid == e.conversation_id => *seq = e.seq,
-            _ => touched.push((e.conversation_id, e.seq)),
-        }
-    }
-    let (tc, ts): (Vec<i64>, Vec<i64>) = touched.iter().copied().unzip();
-    let mut notice = Notice {
-        events: touched,
-        membership: vec![],
-        everything: false,
-        content: new_events.clone(),
-        authenticated: true,
-    };
-    let mut payloads = notice.encode(&stmts.key);
-    notice.content.clear();
-    // One payload in all but pathological batches; if it would not fit,
-    // say "catch up everything" instead of several notifications.
-    let payload = if payloads.len() == 1 {
-        payloads.remove(0)
-    } else {
-        let everything = Notice {
-            everything: true,
-            ..Notice::default()
-        };
-        everything.encode(&stmts.key).remove(0)
-    };
-    tx.query(
-        &stmts.write,
-        &[
-            &c,
-            &s,
-            &snd,
-            &body,
-            &cmid,
-            &tc,
-            &ts,
-            &NOTIFY_CHANNEL,
-            &payload,
-        ],
-    )?;
-    tx.commit()?;
-    Ok(BatchOutcome {
-        results,
-        notice,
-        new_events,
-    })
-}
-
-// ---------------------------------------------------------------------------
-// Cursors
-// ---------------------------------------------------------------------------
-
-/// Moves cursors forward (never back, never past the last committed seq),
-/// many at once. Rows of users no longer members are ignored.
-pub fn advance_cursors(
-    client: &mut Client,
-    acks: &[(i64, String, i64)],
-) -> Result<u64, StoreError> {
-    if acks.is_empty() {
-        return Ok(0);
-    }
-    let c: Vec<i64> = acks.iter().map(|a| a.0).collect();
-    let u: Vec<&str> = acks.iter().map(|a| a.1.as_str()).collect();
-    let s: Vec<i64> = acks.iter().map(|a| a.2).collect();
-    Ok(client.execute(
-        "UPDATE members m SET cursor_seq = GREATEST(m.cursor_seq, LEAST(v.s, c.last_seq))
-         FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(c, u, s), conversations c
-         WHERE m.conversation_id = v.c AND m.user_id = v.u AND c.id = v.c
-           AND m.cursor_seq < LEAST(v.s, c.last_seq)",
-        &[&c, &u, &s],
-    )?)
-}
-
-// ---------------------------------------------------------------------------
-// Reads
-// ---------------------------------------------------------------------------
-
-/// A user's place in one conversation, read at connect time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Membership {
-    pub conversation_id: i64,
-    pub cursor: i64,
-    /// The conversation's last committed seq when read: the backlog is
-    /// exactly (cursor, last_seq].
-    pub last_seq: i64,
-}
-
-/// Every conversation `user` belongs to, with cursor and last seq. The
-/// cursor is never below the seq before the user's own `member.joined`:
-/// delivery starts where their membership does.
-pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
-    let rows = client.query(
-        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq
-         FROM members m JOIN conversations c ON c.id = m.conversation_id
-         WHERE m.user_id = $1 ORDER BY m.conversation_id",
-        &[&user],
-    )?;
-    Ok(rows
-        .iter()
-        .map(|r| Membership {
-            conversation_id: r.get(0),
-            cursor: r.get(1),
-            last_seq: r.get(2),
-        })
-        .collect())
-}
-
-/// Events of one conversation with `after < seq <= upto`, ascending, at
-/// most `limit`.
-pub fn events_range(
-    client: &mut Client,
-    conversation_id: i64,
-    after: i64,
-    upto: i64,
-    limit: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let rows = client.query(
-        &format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
-             ORDER BY seq LIMIT $4"
-        ),
-        &[&conversation_id, &after, &upto, &limit],
-    )?;
-    Ok(rows.iter().map(event_from_row).collect())
-}
-
-/// Events after a position in each of several conversations (catch-up
-/// reads of the fan-out), ascending per conversation, at most `limit_each`
-/// per conversation.
-pub fn events_after_many(
-    client: &mut Client,
-    positions: &[(i64, i64)],
-    limit_each: i64,
-) -> Result<Vec<Event>, StoreError> {
-    if positions.is_empty() {
-        return Ok(vec![]);
-    }
-    let (c, s): (Vec<i64>, Vec<i64>) = positions.iter().copied().unzip();
-    let rows = client.query(
-        &format!(
-            "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
-             LATERAL (SELECT {EVENT_COLUMNS} FROM events
-                      WHERE conversation_id = p.c AND seq > p.s
-                      ORDER BY seq LIMIT $3) AS e"
-        ),
-        &[&c, &s, &limit_each],
-    )?;
-    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
-    events.sort_by_key(|e| (e.conversation_id, e.seq));
-    Ok(events)
-}
-
-/// Whether `user` is a member of the conversation.
-pub fn is_member(
-    client: &mut Client,
-    conversation_id: i64,
-    user: &str,
-) -> Result<bool, StoreError> {
-    Ok(client
-        .query_opt(
-            "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
-            &[&conversation_id, &user],
-        )?
-        .is_some())
-}
-
-/// The highest seq `user` may not read in a conversation (they see
-/// `seq > floor`): the seq before their own `member.joined`, or 0 where
-/// the history is shared. `NotFound` for a non-member.
-pub fn history_floor(
-    client: &mut Client,
-    conversation_id: i64,
-    user: &str,
-) -> Result<i64, StoreError> {
-    let row = client
-        .query_opt(
-            "SELECT CASE WHEN c.history = 'shared' THEN 0 ELSE m.joined_seq - 1 END
-             FROM members m JOIN conversations c ON c.id = m.conversation_id
-             WHERE m.conversation_id = $1 AND m.user_id = $2",
-            &[&conversation_id, &user],
-        )?
-        .ok_or(StoreError::NotFound(conversation_id))?;
-    Ok(row.get::<_, i64>(0).max(0))
-}
-
-/// One page of a conversation's events for a member: newest first below
-/// `before_seq`, or oldest first above `after_seq`, never at or below the
-/// member's [`history_floor`]. Keyset pagination on the primary key
-/// (conversation_id, seq).
-pub fn events_page(
-    client: &mut Client,
-    user: &str,
-    conversation_id: i64,
-    before_seq: Option<i64>,
-    after_seq: Option<i64>,
-    limit: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let floor = history_floor(client, conversation_id, user)?;
-    let rows = match after_seq {
-        Some(after) => client.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
-            ),
-            &[&conversation_id, &after.max(floor), &limit],
-        )?,
-        None => client.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE conversation_id = $1 AND seq < $2 AND seq > $3
-                 ORDER BY seq DESC LIMIT $4"
-            ),
-            &[
-                &conversation_id,
-                &before_seq.unwrap_or(i64::MAX),
-                &floor,
-                &limit,
-            ],
-        )?,
-    };
-    Ok(rows.iter().map(event_from_row).collect())
-}
-
-/// A row of the conversation list.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ConversationSummary {
-    pub id: i64,
-    pub title: String,
-    pub last_seq: i64,
-    pub cursor: i64,
-    pub unread: i64,
-    /// The caller's role: `owner`, `admin` or `member`.
-    pub role: String,
-    /// `since_join` or `shared`.
-    pub history: String,
-}
-
-/// One page of the conversations `user` belongs to, by ascending id after
-/// `after` (keyset pagination on members (user_id, conversation_id)).
-pub fn conversations_page(
-    client: &mut Client,
-    user: &str,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<ConversationSummary>, StoreError> {
-    let rows = client.query(
-        "SELECT c.id, c.title, c.last_seq, GREATEST(m.cursor_seq, m.joined_seq - 1), m.role, c.history
-         FROM members m JOIN conversations c ON c.id = m.conversation_id
-         WHERE m.user_id = $1 AND m.conversation_id > $2
-         ORDER BY m.conversation_id LIMIT $3",
-        &[&user, &after, &limit],
-    )?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let last: i64 = r.get(2);
-            let cursor: i64 = r.get(3);
-            ConversationSummary {
-                id: r.get(0),
-                title: r.get(1),
-                last_seq: last,
-                cursor,
-                unread: (last - cursor).max(0),
-                role: r.get(4),
-                history: r.get(5),
-            }
-        })
-        .collect())
-}
-
-/// A cheap round trip for health checks.
-pub fn ping(client: &mut Client) -> Result<(), StoreError> {
-    client.simple_query("SELECT 1")?;
-    Ok(())
-}

@@ -1,0 +1,236 @@
+//! Cursor writes and every read the worker makes: memberships at
+//! connect, backlog and catch-up ranges, REST pages (within the caller's
+//! history), the conversation list.
+
+use super::{event_from_row, StoreError, EVENT_COLUMNS};
+use postgres::Client;
+use tether_protocol::frames::Event;
+
+// ---------------------------------------------------------------------------
+// Cursors
+// ---------------------------------------------------------------------------
+
+/// Moves cursors forward (never back, never past the last committed seq),
+/// many at once. Rows of users no longer members are ignored.
+pub fn advance_cursors(
+    client: &mut Client,
+    acks: &[(i64, String, i64)],
+) -> Result<u64, StoreError> {
+    if acks.is_empty() {
+        return Ok(0);
+    }
+    let c: Vec<i64> = acks.iter().map(|a| a.0).collect();
+    let u: Vec<&str> = acks.iter().map(|a| a.1.as_str()).collect();
+    let s: Vec<i64> = acks.iter().map(|a| a.2).collect();
+    Ok(client.execute(
+        "UPDATE members m SET cursor_seq = GREATEST(m.cursor_seq, LEAST(v.s, c.last_seq))
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(c, u, s), conversations c
+         WHERE m.conversation_id = v.c AND m.user_id = v.u AND c.id = v.c
+           AND m.cursor_seq < LEAST(v.s, c.last_seq)",
+        &[&c, &u, &s],
+    )?)
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------
+
+/// A user's place in one conversation, read at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub conversation_id: i64,
+    pub cursor: i64,
+    /// The conversation's last committed seq when read: the backlog is
+    /// exactly (cursor, last_seq].
+    pub last_seq: i64,
+}
+
+/// Every conversation `user` belongs to, with cursor and last seq. The
+/// cursor is never below the seq before the user's own `member.joined`:
+/// delivery starts where their membership does.
+pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
+    let rows = client.query(
+        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq
+         FROM members m JOIN conversations c ON c.id = m.conversation_id
+         WHERE m.user_id = $1 ORDER BY m.conversation_id",
+        &[&user],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| Membership {
+            conversation_id: r.get(0),
+            cursor: r.get(1),
+            last_seq: r.get(2),
+        })
+        .collect())
+}
+
+/// Events of one conversation with `after < seq <= upto`, ascending, at
+/// most `limit`.
+pub fn events_range(
+    client: &mut Client,
+    conversation_id: i64,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    let rows = client.query(
+        &format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
+             ORDER BY seq LIMIT $4"
+        ),
+        &[&conversation_id, &after, &upto, &limit],
+    )?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// Events after a position in each of several conversations (catch-up
+/// reads of the fan-out), ascending per conversation, at most `limit_each`
+/// per conversation.
+pub fn events_after_many(
+    client: &mut Client,
+    positions: &[(i64, i64)],
+    limit_each: i64,
+) -> Result<Vec<Event>, StoreError> {
+    if positions.is_empty() {
+        return Ok(vec![]);
+    }
+    let (c, s): (Vec<i64>, Vec<i64>) = positions.iter().copied().unzip();
+    let rows = client.query(
+        &format!(
+            "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
+             LATERAL (SELECT {EVENT_COLUMNS} FROM events
+                      WHERE conversation_id = p.c AND seq > p.s
+                      ORDER BY seq LIMIT $3) AS e"
+        ),
+        &[&c, &s, &limit_each],
+    )?;
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
+    events.sort_by_key(|e| (e.conversation_id, e.seq));
+    Ok(events)
+}
+
+/// Whether `user` is a member of the conversation.
+pub fn is_member(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+) -> Result<bool, StoreError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
+            &[&conversation_id, &user],
+        )?
+        .is_some())
+}
+
+/// The highest seq `user` may not read in a conversation (they see
+/// `seq > floor`): the seq before their own `member.joined`, or 0 where
+/// the history is shared. `NotFound` for a non-member.
+pub fn history_floor(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+) -> Result<i64, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT CASE WHEN c.history = 'shared' THEN 0 ELSE m.joined_seq - 1 END
+             FROM members m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.conversation_id = $1 AND m.user_id = $2",
+            &[&conversation_id, &user],
+        )?
+        .ok_or(StoreError::NotFound(conversation_id))?;
+    Ok(row.get::<_, i64>(0).max(0))
+}
+
+/// One page of a conversation's events for a member: newest first below
+/// `before_seq`, or oldest first above `after_seq`, never at or below the
+/// member's [`history_floor`]. Keyset pagination on the primary key
+/// (conversation_id, seq).
+pub fn events_page(
+    client: &mut Client,
+    user: &str,
+    conversation_id: i64,
+    before_seq: Option<i64>,
+    after_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    let floor = history_floor(client, conversation_id, user)?;
+    let rows = match after_seq {
+        Some(after) => client.query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
+            ),
+            &[&conversation_id, &after.max(floor), &limit],
+        )?,
+        None => client.query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE conversation_id = $1 AND seq < $2 AND seq > $3
+                 ORDER BY seq DESC LIMIT $4"
+            ),
+            &[
+                &conversation_id,
+                &before_seq.unwrap_or(i64::MAX),
+                &floor,
+                &limit,
+            ],
+        )?,
+    };
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// A row of the conversation list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConversationSummary {
+    pub id: i64,
+    pub title: String,
+    pub last_seq: i64,
+    pub cursor: i64,
+    pub unread: i64,
+    /// The caller's role: `owner`, `admin` or `member`.
+    pub role: String,
+    /// `since_join` or `shared`.
+    pub history: String,
+}
+
+/// One page of the conversations `user` belongs to, by ascending id after
+/// `after` (keyset pagination on members (user_id, conversation_id)).
+pub fn conversations_page(
+    client: &mut Client,
+    user: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ConversationSummary>, StoreError> {
+    let rows = client.query(
+        "SELECT c.id, c.title, c.last_seq, GREATEST(m.cursor_seq, m.joined_seq - 1), m.role, c.history
+         FROM members m JOIN conversations c ON c.id = m.conversation_id
+         WHERE m.user_id = $1 AND m.conversation_id > $2
+         ORDER BY m.conversation_id LIMIT $3",
+        &[&user, &after, &limit],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let last: i64 = r.get(2);
+            let cursor: i64 = r.get(3);
+            ConversationSummary {
+                id: r.get(0),
+                title: r.get(1),
+                last_seq: last,
+                cursor,
+                unread: (last - cursor).max(0),
+                role: r.get(4),
+                history: r.get(5),
+            }
+        })
+        .collect())
+}
+
+/// A cheap round trip for health checks.
+pub fn ping(client: &mut Client) -> Result<(), StoreError> {
+    client.simple_query("SELECT 1")?;
+    Ok(())
+}
