@@ -19,6 +19,14 @@
 
 use std::os::fd::RawFd;
 
+/// The first fd systemd passes (`SD_LISTEN_FDS_START`).
+pub const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// `LISTEN_PID` / `LISTEN_FDS` that say something we cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("systemd socket activation: {0}")]
+pub struct ActivationError(pub String);
+
 /// Environment variable naming the inherited listening socket's fd.
 pub const ENV_LISTEN_FD: &str = "TETHER_LISTEN_FD";
 /// Environment variable naming the inherited control socket's fd.
@@ -102,6 +110,39 @@ impl SupervisorMessage {
     }
 }
 
+/// Interprets systemd's socket activation (sd_listen_fds(3)), for the
+/// supervisor and for a worker run on its own alike: `LISTEN_PID` /
+/// `LISTEN_FDS` give `Ok(Some(3))` when they hand us one socket,
+/// `Ok(None)` when they are absent or meant for another process, and an
+/// error when they are malformed or hand over more than one socket.
+pub fn systemd_activation_fd(
+    listen_pid: Option<&str>,
+    listen_fds: Option<&str>,
+    our_pid: u32,
+) -> Result<Option<RawFd>, ActivationError> {
+    let (Some(pid), Some(fds)) = (listen_pid, listen_fds) else {
+        return Ok(None);
+    };
+    let pid: u32 = pid
+        .trim()
+        .parse()
+        .map_err(|_| ActivationError(format!("bad LISTEN_PID {pid:?}")))?;
+    if pid != our_pid {
+        return Ok(None);
+    }
+    let n: u32 = fds
+        .trim()
+        .parse()
+        .map_err(|_| ActivationError(format!("bad LISTEN_FDS {fds:?}")))?;
+    match n {
+        0 => Ok(None),
+        1 => Ok(Some(SD_LISTEN_FDS_START)),
+        n => Err(ActivationError(format!(
+            "LISTEN_FDS={n}: expected exactly one socket (ListenStream= once in tether.socket)"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +165,31 @@ mod tests {
         assert_eq!(SupervisorMessage::parse(s.encode().trim_end()), Some(s));
         assert_eq!(SupervisorMessage::parse("status 1 x 2"), None);
         assert_eq!(WorkerMessage::parse("bogus"), None);
+    }
+
+    #[test]
+    fn listen_fds_parsing() {
+        assert_eq!(systemd_activation_fd(None, None, 10).unwrap(), None);
+        assert_eq!(systemd_activation_fd(Some("10"), None, 10).unwrap(), None);
+        assert_eq!(
+            systemd_activation_fd(Some("10"), Some("1"), 10).unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            systemd_activation_fd(Some(" 10 "), Some("1\n"), 10).unwrap(),
+            Some(3)
+        );
+        // For another process (e.g. inherited from a parent that was activated).
+        assert_eq!(
+            systemd_activation_fd(Some("11"), Some("1"), 10).unwrap(),
+            None
+        );
+        assert_eq!(
+            systemd_activation_fd(Some("10"), Some("0"), 10).unwrap(),
+            None
+        );
+        assert!(systemd_activation_fd(Some("10"), Some("2"), 10).is_err());
+        assert!(systemd_activation_fd(Some("x"), Some("1"), 10).is_err());
+        assert!(systemd_activation_fd(Some("10"), Some("y"), 10).is_err());
     }
 }

@@ -8,16 +8,14 @@
 //! backlog until some worker accepts them.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{
     bind, getsockname, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
     SockType, SockaddrStorage,
 };
-
-/// The first fd systemd passes (`SD_LISTEN_FDS_START`).
-pub const SD_LISTEN_FDS_START: RawFd = 3;
+use tether_protocol::control::systemd_activation_fd;
 
 /// The listen backlog we ask for (the kernel caps it at `somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -52,36 +50,6 @@ pub struct Listener {
     pub origin: Origin,
     /// The local address, for logs and the dev-mode banner.
     pub local: Option<SocketAddr>,
-}
-
-/// Interprets `LISTEN_PID` / `LISTEN_FDS`: `Ok(Some(3))` when they hand us a
-/// socket, `Ok(None)` when they are absent or meant for another process.
-pub fn activation_fd(
-    listen_pid: Option<&str>,
-    listen_fds: Option<&str>,
-    our_pid: u32,
-) -> Result<Option<RawFd>, ListenerError> {
-    let (Some(pid), Some(fds)) = (listen_pid, listen_fds) else {
-        return Ok(None);
-    };
-    let pid: u32 = pid
-        .trim()
-        .parse()
-        .map_err(|_| ListenerError::Activation(format!("bad LISTEN_PID {pid:?}")))?;
-    if pid != our_pid {
-        return Ok(None);
-    }
-    let n: u32 = fds
-        .trim()
-        .parse()
-        .map_err(|_| ListenerError::Activation(format!("bad LISTEN_FDS {fds:?}")))?;
-    match n {
-        0 => Ok(None),
-        1 => Ok(Some(SD_LISTEN_FDS_START)),
-        n => Err(ListenerError::Activation(format!(
-            "LISTEN_FDS={n}: expected exactly one socket (ListenStream= once in tether.socket)"
-        ))),
-    }
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, ListenerError> {
@@ -135,7 +103,8 @@ fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
 pub fn open(listen: &str) -> Result<Listener, ListenerError> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
-    let activated = activation_fd(pid.as_deref(), fds.as_deref(), std::process::id())?;
+    let activated = systemd_activation_fd(pid.as_deref(), fds.as_deref(), std::process::id())
+        .map_err(|e| ListenerError::Activation(e.0))?;
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         // Still single-threaded: nobody else reads the environment now.
         std::env::remove_var(var);
@@ -168,23 +137,6 @@ pub fn open(listen: &str) -> Result<Listener, ListenerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listen_fds_parsing() {
-        assert_eq!(activation_fd(None, None, 10).unwrap(), None);
-        assert_eq!(activation_fd(Some("10"), None, 10).unwrap(), None);
-        assert_eq!(activation_fd(Some("10"), Some("1"), 10).unwrap(), Some(3));
-        assert_eq!(
-            activation_fd(Some(" 10 "), Some("1\n"), 10).unwrap(),
-            Some(3)
-        );
-        // For another process (e.g. inherited from a parent that was activated).
-        assert_eq!(activation_fd(Some("11"), Some("1"), 10).unwrap(), None);
-        assert_eq!(activation_fd(Some("10"), Some("0"), 10).unwrap(), None);
-        assert!(activation_fd(Some("10"), Some("2"), 10).is_err());
-        assert!(activation_fd(Some("x"), Some("1"), 10).is_err());
-        assert!(activation_fd(Some("10"), Some("y"), 10).is_err());
-    }
 
     #[test]
     fn binds_with_reuseaddr_and_listens() {

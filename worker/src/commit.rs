@@ -50,7 +50,44 @@ pub struct SendRequest {
 pub struct Committer {
     lanes: Arc<Vec<mpsc::Sender<SendRequest>>>,
     /// Sends submitted and not yet answered (queued or being committed).
-    pending: Arc<AtomicUsize>,
+    pending: Arc<Pending>,
+}
+
+/// Sends submitted and not yet answered, with a wake-up when none are
+/// left (draining waits on it instead of polling).
+#[derive(Default)]
+pub struct Pending {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn add(&self, n: usize) {
+        self.count.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn done(&self, n: usize) {
+        if self.count.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no send is pending.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Sends waiting per lane before submitters wait (backpressure).
@@ -71,7 +108,7 @@ impl Committer {
         worker_id: &str,
     ) -> Committer {
         let mut senders = Vec::with_capacity(lanes);
-        let pending = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(Pending::default());
         for lane in 0..lanes {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             senders.push(tx);
@@ -98,17 +135,22 @@ impl Committer {
     /// Queues a send. Waits only if the lane's queue is full.
     pub async fn submit(&self, req: SendRequest) -> Result<(), SendRequest> {
         let lane = (req.message.conversation_id.unsigned_abs() as usize) % self.lanes.len();
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.pending.add(1);
         let r = self.lanes[lane].send(req).await.map_err(|e| e.0);
         if r.is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending.done(1);
         }
         r
     }
 
-    /// Sends submitted and not yet answered: draining waits for zero.
+    /// Sends submitted and not yet answered.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        self.pending.get()
+    }
+
+    /// Resolves once every submitted send is answered.
+    pub async fn idle(&self) {
+        self.pending.idle().await
     }
 
     /// Sends waiting in lane queues (not yet taken into a batch).
@@ -151,7 +193,7 @@ fn lane_loop(
     max_batch: usize,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
-    pending: Arc<AtomicUsize>,
+    pending: Arc<Pending>,
 ) {
     // The lane's connection and its prepared write statements.
     let mut client: Option<(postgres::Client, AppendStatements)> = None;
@@ -296,10 +338,10 @@ fn fail_all(batch: Vec<SendRequest>, err: StoreError, metrics: &Metrics) {
 
 /// Counts a batch's requests as answered when the iteration ends, however
 /// it ends (`continue` included).
-struct PendingGuard<'a>(&'a AtomicUsize, usize);
+struct PendingGuard<'a>(&'a Pending, usize);
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::AcqRel);
+        self.0.done(self.1);
     }
 }

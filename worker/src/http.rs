@@ -18,7 +18,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_protocol::error_code::ErrorCode;
 use tokio::net::TcpListener;
@@ -38,7 +37,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(app.clone(), stream));
+                    app.tasks.spawn(serve_connection(app.clone(), stream));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -52,18 +51,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     log::info!("stopped accepting");
 }
 
-/// Counts an open HTTP connection for as long as it lives.
-struct HttpConnGuard(Arc<App>);
-
-impl Drop for HttpConnGuard {
-    fn drop(&mut self) {
-        self.0.live_http.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
-    app.live_http.fetch_add(1, Ordering::AcqRel);
-    let _guard = HttpConnGuard(app.clone());
     let svc_app = app.clone();
     let svc = service_fn(move |req| {
         let app = svc_app.clone();

@@ -95,10 +95,11 @@ pub struct App {
     pub rate: RateLimiter,
     pub recent: Arc<recent::RecentFrames>,
     next_conn: AtomicU64,
-    /// WebSocket connection tasks still running (draining waits for zero).
+    /// WebSocket connections open (the connection limit counts them).
     pub live_conns: AtomicU64,
-    /// HTTP connections still open (draining waits for zero).
-    pub live_http: AtomicU64,
+    /// Every HTTP connection and WebSocket connection task: draining
+    /// closes it and waits for it to empty.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl App {
@@ -322,7 +323,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         recent,
         next_conn: AtomicU64::new(1),
         live_conns: AtomicU64::new(0),
-        live_http: AtomicU64::new(0),
+        tasks: tokio_util::task::TaskTracker::new(),
     });
     health::spawn_probe(app.clone());
 
@@ -394,20 +395,22 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     if let Some(c) = &control {
         c.draining();
     }
-    let deadline = tokio::time::Instant::now() + app.config.drain;
-    let busy = |app: &App| {
-        app.live_conns.load(Ordering::Acquire) > 0
-            || app.live_http.load(Ordering::Acquire) > 0
-            || app.committer.pending() > 0
+    app.tasks.close();
+    let drained = async {
+        app.tasks.wait().await;
+        app.committer.idle().await;
     };
-    while busy(&app) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if tokio::time::timeout(app.config.drain, drained)
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "drain time over with {} tasks and {} sends pending",
+            app.tasks.len(),
+            app.committer.pending()
+        );
     }
     app.cursors.flush_now().await;
-    let left = app.live_conns.load(Ordering::Acquire);
-    if left > 0 {
-        log::warn!("drain time over with {left} connections still open");
-    }
     if app.phase.reason() == Some(ShutdownReason::FanoutLost) {
         log::error!("exiting: cross-worker fan-out was lost");
         return 1;

@@ -4,7 +4,7 @@
 
 use std::net::TcpListener as StdListener;
 use std::os::fd::{FromRawFd, RawFd};
-use tether_protocol::control::ENV_LISTEN_FD;
+use tether_protocol::control::{systemd_activation_fd, ActivationError, ENV_LISTEN_FD};
 
 /// Why no listening socket could be had.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +13,8 @@ pub enum SocketError {
     BadFd { var: &'static str, value: String },
     #[error("fd {fd} is not a listening TCP socket: {source}")]
     NotASocket { fd: RawFd, source: std::io::Error },
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: String,
@@ -75,13 +77,13 @@ pub fn acquire(listen: &str) -> Result<Acquired, SocketError> {
         std::env::remove_var(ENV_LISTEN_FD);
         return from_fd("TETHER_LISTEN_FD", &v);
     }
-    if let (Ok(fds), Ok(pid)) = (std::env::var("LISTEN_FDS"), std::env::var("LISTEN_PID")) {
-        if pid.trim() == std::process::id().to_string() && fds.trim() == "1" {
-            std::env::remove_var("LISTEN_FDS");
-            std::env::remove_var("LISTEN_PID");
-            std::env::remove_var("LISTEN_FDNAMES");
-            return from_fd("LISTEN_FDS", "3");
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    if let Some(fd) = systemd_activation_fd(pid.as_deref(), fds.as_deref(), std::process::id())? {
+        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
         }
+        return from_fd("LISTEN_FDS", &fd.to_string());
     }
     let listener = StdListener::bind(listen).map_err(|source| SocketError::Bind {
         addr: listen.to_string(),

@@ -90,6 +90,7 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .max_write_buffer_size(app.config.max_frame_bytes.max(64 * 1024) * 4)
         .max_message_size(Some(app.config.max_frame_bytes))
         .max_frame_size(Some(app.config.max_frame_bytes));
+    let tasks = app.tasks.clone();
     let task = async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -107,7 +108,7 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     // An idle connection costs this task (about 2.3 KB of future state),
     // its socket's buffers and two channels: see README, Performance.
-    tokio::spawn(task);
+    tasks.spawn(task);
     let mut r = json_response(StatusCode::SWITCHING_PROTOCOLS, String::new());
     r.headers_mut().remove(hyper::header::CONTENT_TYPE);
     r.headers_mut()
