@@ -15,6 +15,7 @@
 //! - [`token`]: `tether token USER`.
 
 mod channel;
+mod cluster;
 mod config;
 mod devmode;
 mod listener;
