@@ -148,7 +148,11 @@ fn starts_the_configured_workers_and_is_ready_when_all_are() {
 fn a_dead_worker_is_replaced_at_once_then_after_the_backoff_and_counted() {
     let mut w = running();
     w.at(5000);
-    assert_eq!(spawns(&w.exit(1)), vec![3], "the first replacement is immediate");
+    assert_eq!(
+        spawns(&w.exit(1)),
+        vec![3],
+        "the first replacement is immediate"
+    );
     assert_eq!(w.rules.status().restarts, 1);
     w.at(5010);
     assert!(spawns(&w.exit(3)).is_empty(), "not before its delay");
