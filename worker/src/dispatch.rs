@@ -579,4 +579,6 @@ impl State {
 }
 
 #[cfg(test)]
+mod simulation;
+#[cfg(test)]
 mod tests;
