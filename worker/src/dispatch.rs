@@ -105,7 +105,10 @@ pub enum Action {
 
 struct Conn {
     user: Arc<str>,
-    convs: HashSet<i64>,
+    /// Conversations subscribed, each with the position the subscription
+    /// starts after: a `member.left` at or before it is an earlier
+    /// membership the connection already knows about.
+    convs: HashMap<i64, i64>,
 }
 
 struct Conv {
@@ -161,7 +164,7 @@ impl State {
                     conn,
                     Conn {
                         user,
-                        convs: HashSet::new(),
+                        convs: HashMap::new(),
                     },
                 );
             }
@@ -245,7 +248,7 @@ impl State {
         let Some(state) = self.conns.get(&conn) else {
             return;
         };
-        if state.convs.contains(&c) {
+        if state.convs.contains_key(&c) {
             return;
         }
         let left_at = self
@@ -265,7 +268,7 @@ impl State {
             return;
         }
         if let Some(state) = self.conns.get_mut(&conn) {
-            state.convs.insert(c);
+            state.convs.insert(c, pos);
         }
         let conv = self.follow(c, pos);
         conv.subs.push(conn);
@@ -347,7 +350,7 @@ impl State {
                 self.departed.remove(&state.user);
             }
         }
-        for c in state.convs {
+        for c in state.convs.into_keys() {
             self.remove_sub(c, conn);
         }
     }
@@ -441,7 +444,8 @@ impl State {
             }
             for conn in self.users.get(&user).cloned().unwrap_or_default() {
                 if let Some(state) = self.conns.get_mut(&conn) {
-                    if state.convs.insert(c) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = state.convs.entry(c) {
+                        e.insert(f.seq - 1);
                         if let Some(conv) = self.convs.get_mut(&c) {
                             conv.subs.push(conn);
                         }
@@ -465,10 +469,16 @@ impl State {
         if let MembershipChange::Left(u) = &f.membership {
             if let Some(user) = self.local_user(u) {
                 for conn in self.users.get(&user).cloned().unwrap_or_default() {
-                    if let Some(state) = self.conns.get_mut(&conn) {
+                    // Only subscriptions from before this member.left end
+                    // here; one that starts after it belongs to a later
+                    // membership.
+                    let Some(state) = self.conns.get_mut(&conn) else {
+                        continue;
+                    };
+                    if state.convs.get(&c).is_some_and(|from| *from < f.seq) {
                         state.convs.remove(&c);
+                        self.remove_sub(c, conn);
                     }
-                    self.remove_sub(c, conn);
                 }
                 let d = self.departed.entry(user).or_default();
                 if d.len() >= MAX_DEPARTED_PER_USER {
