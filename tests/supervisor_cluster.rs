@@ -229,11 +229,15 @@ async fn sigkill_of_a_busy_worker_loses_no_acknowledged_message() {
         .await,
         "not every receiver got its backlog"
     );
-    let pids: HashMap<String, i32> = ready_workers(&cluster.log_contents()).into_iter().collect();
+    let mut pids: HashMap<String, i32> = HashMap::new();
     // /health answers from whichever worker accepts it: ask until both did.
     for _ in 0..200 {
         let h = http(addr, "GET", "/health", None, None).await.json();
         let w = h["worker"].as_str().unwrap().to_string();
+        pids.insert(
+            w.clone(),
+            h["pid"].as_i64().expect("/health says its pid") as i32,
+        );
         on_worker.insert(w, h["connections"].as_u64().unwrap_or(0) as usize);
         if on_worker.len() == 2 {
             break;

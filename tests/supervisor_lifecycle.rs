@@ -213,14 +213,9 @@ fn workers_that_die_at_start_make_the_supervisor_give_up() {
     );
     let status = cluster.wait_exit(T).expect("tether did not give up");
     assert_eq!(status.code(), Some(1), "{}", cluster.log_tail(40));
-    let log = cluster.log_contents();
-    assert!(
-        log.contains("sup: giving up: 5 worker deaths in 60s (limit 4)"),
-        "{log}"
-    );
-    // With backoff: 0, 20, 40, 80, 100 ms at least between the deaths.
-    assert!(log.contains("replacing in 0ms"), "{log}");
-    assert!(log.contains("replacing in 20ms"), "{log}");
+    // It gave up (exit 1). How many deaths and which delays lead there is
+    // the rules' business, unit-tested in supervisor/src/cluster/tests.rs
+    // without processes.
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
@@ -246,13 +241,6 @@ fn a_worker_fault_at_start_makes_the_supervisor_give_up() {
     );
     let status = cluster.wait_exit(T).expect("tether did not give up");
     assert_eq!(status.code(), Some(1), "{}", cluster.log_tail(40));
-    assert!(
-        cluster
-            .log_contents()
-            .contains("sup: giving up: 4 worker deaths in 60s (limit 3)"),
-        "{}",
-        cluster.log_tail(40)
-    );
 }
 
 #[test]
@@ -260,15 +248,19 @@ fn sighup_replaces_every_worker_while_every_request_succeeds() {
     let db = TestDb::new();
     let cluster = ClusterProc::spawn_with(&db.url(), TEST_SECRET, 2, &["--drain-ms", "3000"], &[]);
     let addr = cluster.addr();
-    assert!(wait_until(T, Duration::from_millis(20), || ready_workers(
-        &cluster.log_contents()
-    )
-    .len()
-        >= 2));
-    let before: HashSet<i32> = ready_workers(&cluster.log_contents())
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
+    // Two serving workers, as the supervisor counts them, and its two live
+    // children are they.
+    let live_children = || -> HashSet<i32> {
+        children(cluster.pid())
+            .into_iter()
+            .filter(|(_, state)| *state != 'Z')
+            .map(|(p, _)| p)
+            .collect()
+    };
+    assert!(wait_until(T, Duration::from_millis(20), || {
+        health(addr)["workers"]["alive"] == 2 && live_children().len() == 2
+    }));
+    let before: HashSet<i32> = live_children();
 
     let c = http_blocking(
         addr,
@@ -362,9 +354,8 @@ fn sighup_replaces_every_worker_while_every_request_succeeds() {
     assert!(acked > 20, "only {acked} messages were sent");
 
     // Every old worker is gone, two new ones serve.
-    let after: HashSet<i32> = ready_workers(&cluster.log_contents())
+    let after: HashSet<i32> = live_children()
         .into_iter()
-        .map(|(_, p)| p)
         .filter(|p| !before.contains(p))
         .collect();
     assert_eq!(after.len(), 2, "{}", cluster.log_tail(40));
@@ -426,11 +417,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_within_the_drain_time() {
     let took = t0.elapsed();
     eprintln!("SIGTERM -> exit with 20 clients: {} ms", took.as_millis());
     assert_eq!(status.code(), Some(0), "{}", cluster.log_tail(40));
-    // Drain 2 s, SIGKILL at drain + 2 s: a clean drain is well within that.
+    // Drain 2 s, SIGKILL at drain + 2 s: a clean drain (no SIGKILL) is
+    // well within that.
     assert!(took < Duration::from_secs(4), "took {took:?}");
-    assert!(
-        !cluster.log_contents().contains("after SIGTERM: SIGKILL"),
-        "{}",
-        cluster.log_tail(40)
-    );
 }

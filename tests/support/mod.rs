@@ -1387,19 +1387,3 @@ pub async fn read_until_seqs(
         }
     }
 }
-
-/// `(worker id, pid)` of every `sup: wN pid=P ready` line of a supervisor
-/// log, in order.
-pub fn ready_workers(log: &str) -> Vec<(String, i32)> {
-    log.lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("sup: w")? + 5..];
-            let (id, rest) = rest.split_once(" pid=")?;
-            let (pid, rest) = rest.split_once(' ')?;
-            if !rest.starts_with("ready") {
-                return None;
-            }
-            Some((id.to_string(), pid.parse().ok()?))
-        })
-        .collect()
-}

@@ -41,6 +41,7 @@ pub fn health(app: &App) -> Response<Body> {
             },
             "connections": app.metrics.connections_open.load(Ordering::Relaxed),
             "worker": app.config.worker_id,
+            "pid": std::process::id(),
             "phase": match app.phase.get() { Phase::Serving => "serving", Phase::Draining => "draining" },
         })
         .to_string(),
