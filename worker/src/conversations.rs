@@ -2,7 +2,7 @@
 //! the caller's conversations, page a conversation's events.
 
 use crate::commit::{ReplyTo, SendRequest};
-use crate::request::{check_body, limit_param, parse_i64_param, read_json};
+use crate::request::{check_body, fields, limit_param, parse_i64_param, read_json};
 use crate::respond::{
     error_response, fail, invalid, json_response, retry_response, store_error_response, Body,
 };
@@ -10,11 +10,19 @@ use crate::store::{self, NewMessage, StoreError};
 use crate::App;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tether_protocol::frames::validate_client_msg_id;
+
+/// `POST /v1/conversations/{id}/messages`: other fields are ignored.
+#[derive(serde::Deserialize)]
+struct SendBody {
+    body: String,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
 
 pub async fn send_message(
     app: Arc<App>,
@@ -26,22 +34,25 @@ pub async fn send_message(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let text = match body.get("body") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return invalid("body must be a string"),
+    let SendBody {
+        body: text,
+        client_msg_id,
+    } = match fields(body) {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     if let Err((code, msg)) = check_body(&app, &text) {
         return fail(code, &msg);
     }
-    let client_msg_id = match body.get("client_msg_id") {
-        Some(Value::String(s)) => {
-            if let Err(m) = validate_client_msg_id(s) {
+    let client_msg_id = match client_msg_id {
+        Some(id) => {
+            if let Err(m) = validate_client_msg_id(&id) {
                 return invalid(m);
             }
-            s.clone()
+            id
         }
         // Without a key the send is not idempotent; give it a unique one.
-        None | Some(Value::Null) => {
+        None => {
             let mut b = [0u8; 16];
             if getrandom::fill(&mut b).is_err() {
                 return store_error_response(&StoreError::Internal("no randomness".into()));
@@ -51,7 +62,6 @@ pub async fn send_message(
                 b.iter().map(|x| format!("{x:02x}")).collect::<String>()
             )
         }
-        Some(_) => return invalid("client_msg_id must be a string"),
     };
     if let Err(secs) = app.rate.check(&user) {
         app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);

@@ -152,6 +152,15 @@ pub fn limit_param(query: Option<&str>) -> Result<i64, Response<Body>> {
     Ok(parse_i64_param(query, "limit")?.unwrap_or(50).clamp(1, 200))
 }
 
+/// A JSON body's fields as `T` (a serde struct of the route): a missing
+/// field or one of the wrong type is 422 `invalid_field`, naming it.
+pub fn fields<T: serde::de::DeserializeOwned>(
+    body: serde_json::Map<String, Value>,
+) -> Result<T, Response<Body>> {
+    serde_json::from_value(Value::Object(body))
+        .map_err(|e| crate::respond::invalid(&format!("invalid field: {e}")))
+}
+
 /// Validates a message body (no NUL, within the size limit): `Err` is
 /// the code and message.
 pub fn check_body(app: &App, body: &str) -> Result<(), (ErrorCode, String)> {
