@@ -7,11 +7,15 @@
 //! - [`error_code`]: the error codes, with their HTTP status;
 //! - [`auth`]: HS256 tokens (issue and verify);
 //! - [`control`]: the supervisor ↔ worker interface (inherited descriptors,
-//!   control lines).
+//!   control lines, systemd socket activation);
+//! - [`exposition`]: the whole host's Prometheus metrics (merging the
+//!   processes' expositions, process metrics).
 //!
-//! Pure: no I/O beyond parsing and formatting, no runtime.
+//! No runtime and no I/O beyond parsing and formatting (and reading
+//! `/proc/self` for process metrics).
 
 pub mod auth;
 pub mod control;
 pub mod error_code;
+pub mod exposition;
 pub mod frames;

@@ -195,16 +195,40 @@ fn serve(parsed: &Parsed) -> ExitCode {
     let mut env: BTreeMap<String, String> = parsed.worker_env().into_iter().collect();
     env.insert("DATABASE_URL".to_string(), database_url);
     env.insert("TETHER_SECRET".to_string(), secret);
+    // The host's metrics: every process writes its exposition here, and
+    // whichever worker answers /metrics serves them all. Private (0700),
+    // removed on exit.
+    let metrics_dir = match tempfile::Builder::new().prefix("tether-metrics-").tempdir() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            log::warn!("sup: no metrics directory ({e}): /metrics shows one worker per scrape");
+            None
+        }
+    };
+    if let Some(d) = &metrics_dir {
+        env.insert(
+            tether_protocol::exposition::ENV_METRICS_DIR.to_string(),
+            d.path().to_string_lossy().into_owned(),
+        );
+    }
     let template = WorkerTemplate {
         bin: cfg.worker_bin.clone(),
         args: cfg.worker_args.clone(),
         env,
     };
-    let sup = Supervisor::new(cfg, template, listener.fd.as_fd(), listen_desc, signals);
+    let sup = Supervisor::new(
+        cfg,
+        template,
+        listener.fd.as_fd(),
+        listen_desc,
+        signals,
+        metrics_dir.as_ref().map(|d| d.path().to_path_buf()),
+    );
     let outcome = match sup.run() {
         Ok(o) => o,
         Err(e) => return fail(1, e),
     };
+    drop(metrics_dir);
     drop(dev);
     ExitCode::from(outcome.exit_code())
 }

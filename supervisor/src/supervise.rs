@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -28,9 +29,10 @@ use nix::unistd::Pid;
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
+use tether_protocol::exposition::{file_name, process_metrics};
 
 use crate::channel::Channel;
-use crate::cluster::{Action, Cluster, Input, Kill, Outcome, Settings, Signal};
+use crate::cluster::{Action, Cluster, DeathCause, Input, Kill, Outcome, Settings, Signal};
 use crate::config::{Config, BACKOFF_RESET_AFTER};
 use crate::notify::{monotonic_usec, watchdog_interval, Notifier};
 use crate::policy::{Backoff, Intensity};
@@ -101,6 +103,43 @@ fn describe(status: &WaitStatus) -> String {
     }
 }
 
+/// The supervisor's own series, labelled `worker="supervisor"`.
+fn render_metrics(rules: &Cluster, started: Instant) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let status = rules.status();
+    let _ = writeln!(
+        out,
+        "# HELP tether_supervisor_workers_up Workers alive and ready, as the supervisor counts them.\n# TYPE tether_supervisor_workers_up gauge\ntether_supervisor_workers_up{{worker=\"supervisor\"}} {}",
+        status.alive
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tether_supervisor_workers_configured Workers the supervisor runs.\n# TYPE tether_supervisor_workers_configured gauge\ntether_supervisor_workers_configured{{worker=\"supervisor\"}} {}",
+        status.configured
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tether_supervisor_restarts_total Workers that died unasked, by cause.\n# TYPE tether_supervisor_restarts_total counter"
+    );
+    let deaths = rules.deaths();
+    for cause in DeathCause::ALL {
+        let _ = writeln!(
+            out,
+            "tether_supervisor_restarts_total{{worker=\"supervisor\",cause=\"{}\"}} {}",
+            cause.as_str(),
+            deaths.of(cause)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tether_supervisor_uptime_seconds Seconds since the supervisor started.\n# TYPE tether_supervisor_uptime_seconds gauge\ntether_supervisor_uptime_seconds{{worker=\"supervisor\"}} {}",
+        started.elapsed().as_secs_f64()
+    );
+    out.push_str(&process_metrics("supervisor"));
+    out
+}
+
 /// A live worker process: what the shell holds for it.
 struct Process {
     pid: Pid,
@@ -116,6 +155,10 @@ pub struct Supervisor<'l> {
     signals: Signals,
     procs: HashMap<u64, Process>,
     notifier: Option<Notifier>,
+    /// Where every process of the host writes its metrics.
+    metrics_dir: Option<PathBuf>,
+    started: Instant,
+    metrics_written: Option<Instant>,
 }
 
 impl<'l> Supervisor<'l> {
@@ -125,6 +168,7 @@ impl<'l> Supervisor<'l> {
         listener: BorrowedFd<'l>,
         listen_desc: String,
         signals: Signals,
+        metrics_dir: Option<PathBuf>,
     ) -> Supervisor<'l> {
         let notifier = match Notifier::from_env() {
             Ok(n) => n,
@@ -156,6 +200,9 @@ impl<'l> Supervisor<'l> {
             signals,
             procs: HashMap::new(),
             notifier,
+            metrics_dir,
+            started: Instant::now(),
+            metrics_written: None,
         }
     }
 
@@ -184,6 +231,7 @@ impl<'l> Supervisor<'l> {
             self.read_channels();
             self.reap();
             self.feed(Input::Tick);
+            self.write_metrics();
             if let Some(outcome) = self.rules.outcome() {
                 let since = self
                     .rules
@@ -196,6 +244,26 @@ impl<'l> Supervisor<'l> {
                 return Ok(outcome);
             }
             self.sleep()?;
+        }
+    }
+
+    /// Writes the supervisor's series for the workers' `/metrics`, at most
+    /// once a second (the loop turns at least that often).
+    fn write_metrics(&mut self) {
+        let Some(dir) = &self.metrics_dir else { return };
+        if self
+            .metrics_written
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(900))
+        {
+            return;
+        }
+        self.metrics_written = Some(Instant::now());
+        let text = render_metrics(&self.rules, self.started);
+        let tmp = dir.join(".supervisor.tmp");
+        let written = std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, dir.join(file_name("supervisor"))));
+        if let Err(e) = written {
+            log::debug!("sup: writing metrics: {e}");
         }
     }
 
@@ -334,6 +402,10 @@ impl<'l> Supervisor<'l> {
                 Err(e) => format!("lost ({e})"),
             };
             self.procs.remove(&n);
+            if let Some(dir) = &self.metrics_dir {
+                // A dead worker's series leave the host's scrape with it.
+                let _ = std::fs::remove_file(dir.join(file_name(&format!("w{n}"))));
+            }
             self.feed(Input::Exited { n, how });
         }
     }

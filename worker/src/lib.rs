@@ -326,6 +326,8 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         tasks: tokio_util::task::TaskTracker::new(),
     });
     health::spawn_probe(app.clone());
+    probes::spawn_lag_probe(app.clone());
+    probes::spawn_exposition_writer(app.clone());
 
     // The schema is idempotent; applying it here lets a worker run on its
     // own against an empty database. The database may be down: keep trying

@@ -43,18 +43,24 @@ impl Histogram {
         self.sum_micros.fetch_add((v * 1e6) as u64, Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    fn render(&self, out: &mut String, worker: &str, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (b, c) in self.bounds.iter().zip(&self.buckets) {
             cumulative += c.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{worker=\"{worker}\",le=\"{b}\"}} {cumulative}"
+            );
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(
             out,
-            "{name}_sum {}\n{name}_count {count}",
+            "{name}_bucket{{worker=\"{worker}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{worker=\"{worker}\"}} {}\n{name}_count{{worker=\"{worker}\"}} {count}",
             self.sum_micros.load(Relaxed) as f64 / 1e6
         );
     }
@@ -83,6 +89,9 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     pub backlog_events: Histogram,
     pub pool_wait: Histogram,
+    /// How late a 100 ms tick of the runtime fires: a busy or blocked
+    /// event loop shows here first.
+    pub event_loop_lag: Histogram,
 }
 
 impl Metrics {
@@ -109,6 +118,7 @@ impl Metrics {
             delivery_latency: Histogram::new(LATENCY_BOUNDS),
             backlog_events: Histogram::new(SIZE_BOUNDS),
             pool_wait: Histogram::new(LATENCY_BOUNDS),
+            event_loop_lag: Histogram::new(LATENCY_BOUNDS),
         }
     }
 
@@ -229,29 +239,41 @@ impl Metrics {
         }
         self.commit_latency.render(
             &mut out,
+            worker,
             "tether_commit_seconds",
             "Time from a send's arrival at a commit lane to its COMMIT.",
         );
         self.commit_batch_size.render(
             &mut out,
+            worker,
             "tether_commit_batch_size",
             "Messages per group-commit transaction.",
         );
         self.delivery_latency.render(
             &mut out,
+            worker,
             "tether_commit_to_delivery_seconds",
             "Time from COMMIT to the event being queued to a local connection.",
         );
         self.backlog_events.render(
             &mut out,
+            worker,
             "tether_backlog_replay_events",
             "Events replayed to a connection before synced.",
         );
         self.pool_wait.render(
             &mut out,
+            worker,
             "tether_db_pool_wait_seconds",
             "Time waiting for a read-pool connection.",
         );
+        self.event_loop_lag.render(
+            &mut out,
+            worker,
+            "tether_event_loop_lag_seconds",
+            "How late a 100 ms timer of the worker's runtime fires.",
+        );
+        out.push_str(&tether_protocol::exposition::process_metrics(worker));
         out
     }
 }

@@ -10,6 +10,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde_json::json;
 use std::sync::atomic::Ordering;
+use tether_protocol::exposition::{file_name, merge, ENV_METRICS_DIR};
 
 pub fn health(app: &App) -> Response<Body> {
     let db_ok = app.health.connected();
@@ -68,7 +69,100 @@ pub fn ready(app: &App) -> Response<Body> {
     )
 }
 
+/// `/metrics`: this worker's own series, live, and (under a supervisor)
+/// the rest of the host's from their files: the whole host in one scrape.
 pub fn metrics(app: &App) -> Response<Body> {
+    let own = render_own(app);
+    let text = match std::env::var_os(ENV_METRICS_DIR) {
+        Some(dir) => {
+            let others = host_files(std::path::Path::new(&dir), &app.config.worker_id);
+            let mut all: Vec<&str> = vec![&own];
+            all.extend(others.iter().map(String::as_str));
+            merge(&all)
+        }
+        None => own,
+    };
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// A file older than this belongs to a process that stopped writing.
+const STALE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The other processes' expositions in `dir` (not this worker's own, not
+/// stale ones).
+fn host_files(dir: &std::path::Path, own: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let own = file_name(own);
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".prom"))
+        .filter(|e| e.file_name().to_string_lossy() != own)
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < STALE)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect()
+}
+
+/// Writes this worker's exposition to the host's directory every second
+/// (atomically: a temporary file renamed), so any worker's `/metrics`
+/// shows it.
+pub fn spawn_exposition_writer(app: std::sync::Arc<App>) {
+    let Some(dir) = std::env::var_os(ENV_METRICS_DIR) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let target = dir.join(file_name(&app.config.worker_id));
+        let tmp = dir.join(format!(".{}.tmp", app.config.worker_id));
+        loop {
+            tick.tick().await;
+            let text = render_own(&app);
+            let (t, dest) = (tmp.clone(), target.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                std::fs::write(&t, text).and_then(|_| std::fs::rename(&t, &dest))
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                log::debug!("metrics: writing {}: {e}", target.display());
+            }
+        }
+    });
+}
+
+/// Measures the runtime's lateness: a 100 ms interval's ticks, each
+/// observed as how late it fired.
+pub fn spawn_lag_probe(app: std::sync::Arc<App>) {
+    tokio::spawn(async move {
+        let period = std::time::Duration::from_millis(100);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            let late = now.saturating_duration_since(last + period);
+            app.metrics.event_loop_lag.observe_duration(late);
+            last = now;
+        }
+    });
+}
+
+/// This worker's own exposition.
+fn render_own(app: &App) -> String {
     let state = app.pool.state();
     let cluster = app.cluster.get();
     let extra = [
@@ -117,13 +211,25 @@ pub fn metrics(app: &App) -> Response<Body> {
             "Worker replacements since the supervisor started.",
             cluster.restarts as f64,
         ),
+        (
+            "tether_listener_up",
+            "1 while the LISTEN thread (cross-worker fan-out) runs.",
+            if app.dispatcher.listener_alive() {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+        (
+            "tether_db_pool_saturation",
+            "Share of the read pool in use (0 to 1).",
+            if state.connections == 0 {
+                0.0
+            } else {
+                (state.connections - state.idle_connections) as f64
+                    / app.config.pool_size.max(1) as f64
+            },
+        ),
     ];
-    let mut r = Response::new(Full::new(Bytes::from(
-        app.metrics.render(&app.config.worker_id, &extra),
-    )));
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    r
+    app.metrics.render(&app.config.worker_id, &extra)
 }

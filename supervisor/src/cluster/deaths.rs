@@ -38,11 +38,12 @@ impl Cluster {
             }
             return;
         }
-        let why = match w.killed {
-            Some(KillReason::Hung) => "; hung: no heartbeat",
-            Some(KillReason::NotReady) => "; never said ready",
-            _ => "",
+        let (why, cause) = match w.killed {
+            Some(KillReason::Hung) => ("; hung: no heartbeat", DeathCause::Hang),
+            Some(KillReason::NotReady) => ("; never said ready", DeathCause::NotReady),
+            _ => ("", DeathCause::Crash),
         };
+        self.deaths.count(cause);
         self.count_death(now, w.n, w.pid, w.spawned_at, how, why);
     }
 

@@ -232,8 +232,55 @@ fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
+/// Why a worker died unasked (the supervisor's metrics count each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeathCause {
+    /// It exited or was killed by something else, or its control socket
+    /// closed while it served.
+    Crash,
+    /// No heartbeat for the heartbeat timeout.
+    Hang,
+    /// Not ready within the ready timeout.
+    NotReady,
+    /// It could not even be started.
+    SpawnFailed,
+}
+
+impl DeathCause {
+    pub const ALL: [DeathCause; 4] = [
+        DeathCause::Crash,
+        DeathCause::Hang,
+        DeathCause::NotReady,
+        DeathCause::SpawnFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathCause::Crash => "crash",
+            DeathCause::Hang => "hang",
+            DeathCause::NotReady => "not_ready",
+            DeathCause::SpawnFailed => "spawn_failed",
+        }
+    }
+}
+
+/// Deaths counted by cause.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Deaths([u64; 4]);
+
+impl Deaths {
+    fn count(&mut self, cause: DeathCause) {
+        self.0[cause as usize] += 1;
+    }
+
+    pub fn of(&self, cause: DeathCause) -> u64 {
+        self.0[cause as usize]
+    }
+}
+
 /// The rules' whole state.
 pub struct Cluster {
+    deaths: Deaths,
     s: Settings,
     workers: Vec<Worker>,
     next_n: u64,
@@ -258,6 +305,7 @@ impl Cluster {
             })
             .collect();
         Cluster {
+            deaths: Deaths::default(),
             s,
             workers: Vec::new(),
             next_n: 1,
@@ -341,6 +389,11 @@ impl Cluster {
         let scheduled = self.scheduled.iter().map(|s| s.due);
         let watchdog = self.s.watchdog.map(|every| self.watchdog_last + every);
         workers.chain(scheduled).chain(watchdog).min()
+    }
+
+    /// Unasked deaths so far, by cause.
+    pub fn deaths(&self) -> Deaths {
+        self.deaths
     }
 
     /// The status every worker shows in `/health`.
@@ -505,6 +558,7 @@ impl Cluster {
         w.killed = Some(KillReason::ControlLost);
         w.lost_at = Some(now);
         let (pid, spawned_at) = (w.pid, w.spawned_at);
+        self.deaths.count(DeathCause::Crash);
         self.count_death(now, n, pid, spawned_at, "control socket closed".into(), "");
     }
 
@@ -562,6 +616,7 @@ impl Cluster {
             return;
         };
         let w = self.workers.remove(i);
+        self.deaths.count(DeathCause::SpawnFailed);
         if let Phase::Reloading(Roll {
             step: RollStep::WaitingReady { new, .. },
             ..
