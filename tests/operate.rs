@@ -242,3 +242,53 @@ fn a_real_prometheus_scrapes_the_cluster_and_fires_the_database_alert() {
     eprintln!("alerts while PostgreSQL is down: {alert}");
     p.kill();
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_never_hold_a_token() {
+    let db = TestDb::new();
+    let w = WorkerProc::spawn(
+        &db.url(),
+        TEST_SECRET,
+        &["--log-format", "json"],
+        &[("RUST_LOG", "debug")],
+    );
+    let token = tok("alice");
+    let r = http_blocking(
+        w.addr(),
+        "POST",
+        "/v1/conversations",
+        Some(&token),
+        Some(&serde_json::json!({"members": ["bob"]})),
+    )
+    .expect("create");
+    assert_eq!(r.status, 201);
+    let c = r.json()["id"].as_i64().unwrap();
+    // A refused token is logged too (at debug): still not the token.
+    let bad = format!("{token}x");
+    let r = http_blocking(w.addr(), "GET", "/v1/conversations", Some(&bad), None).unwrap();
+    assert_eq!(r.status, 401);
+    assert!(wait_until(T, Duration::from_millis(50), || w
+        .log_contents()
+        .contains(&format!("\"conversation\":\"{c}\""))));
+    let log = w.log_contents();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["process"], w.worker_id(), "{line}");
+        assert!(
+            v["level"].is_string() && v["msg"].is_string() && v["ts"].is_u64(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with(|c: char| c.is_ascii_digit())),
+        "a human-format line in a JSON log:\n{log}"
+    );
+    assert!(
+        !log.contains(&token) && !log.contains(TEST_SECRET),
+        "a token or the secret reached the log"
+    );
+}

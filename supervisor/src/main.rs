@@ -26,7 +26,6 @@ mod supervise;
 mod token;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 
@@ -37,20 +36,6 @@ use crate::devmode::DevCluster;
 use crate::listener::Origin;
 use crate::spawn::WorkerTemplate;
 use crate::supervise::{Signals, Supervisor};
-
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "{} {:<5} {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.args()
-            )
-        })
-        .init();
-}
 
 fn main() -> ExitCode {
     // `tether worker ...` is a worker process, exec'd by a supervisor:
@@ -75,7 +60,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         None => {
-            init_logging();
+            tether_worker::logging::init("sup", parsed.cli.worker.log_format);
             serve(&parsed)
         }
     }

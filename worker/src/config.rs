@@ -128,6 +128,16 @@ pub struct WorkerOptions {
         action = clap::ArgAction::Set
     )]
     pub demo: bool,
+    /// Log lines: human-readable, or one JSON object per line for an
+    /// aggregator (the supervisor and every worker).
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_name = "human|json",
+        default_value = "human",
+        value_enum
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// `--demo`'s values: on/1/true/yes and off/0/false/no.
@@ -237,6 +247,7 @@ pub struct WorkerConfig {
     pub rate_burst: f64,
     /// Serve the demo chat page at `/demo/`.
     pub demo: bool,
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl WorkerArgs {
@@ -277,6 +288,7 @@ impl WorkerArgs {
             rate_limit: o.rate_limit,
             rate_burst: o.rate_burst,
             demo: o.demo,
+            log_format: o.log_format,
         }
     }
 }

@@ -29,6 +29,7 @@
 //! - [`store`]: the PostgreSQL event log (schema, write path, reads; the
 //!   notification codec; membership writes and roles);
 //! - [`socket`]: where the listening socket comes from;
+//! - [`logging`]: log lines, human or JSON;
 //! - [`demo`]: the demo chat page at `/demo/`.
 
 // Handlers return a ready HTTP response as their error value; it is built
@@ -46,6 +47,7 @@ pub mod fanout;
 pub mod frame;
 pub mod health;
 pub mod http;
+pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod phase;
@@ -182,24 +184,6 @@ fn checkout(pool: &Pool, metrics: &Metrics) -> Result<store::PooledClient, store
     Ok(conn?)
 }
 
-/// One line per event, every line tagged with the worker (`w1`), like the
-/// supervisor's `sup`.
-fn init_logging(worker_id: &str) {
-    use std::io::Write;
-    let tag = worker_id.to_string();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, record| {
-            writeln!(
-                buf,
-                "{} {:<5} {tag} {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.args()
-            )
-        })
-        .init();
-}
-
 /// The `tether-worker` entry point: parse the command line, get the
 /// socket, run.
 pub fn main() -> ExitCode {
@@ -223,7 +207,7 @@ where
         // Help and version to stdout (exit 0), errors to stderr (exit 2).
         Err(e) => e.exit(),
     };
-    init_logging(&config.worker_id);
+    logging::init(&config.worker_id, config.log_format);
     #[cfg(feature = "fault-injection")]
     if std::env::var("TETHER_FAULT").as_deref() == Ok("die-at-start") {
         log::error!("fault injection: dying at start");
