@@ -1,6 +1,7 @@
--- tether: the whole schema. Applying it twice is harmless (every statement is
--- IF NOT EXISTS / OR REPLACE), so the supervisor and the tests apply it on
--- every start.
+-- tether: the whole current schema, to read. Databases are built and
+-- upgraded by the numbered files in migrations/ (applied in order at every
+-- start, see worker/src/store/migrate.rs); tests/migrations.rs checks that
+-- they build exactly this.
 --
 -- Every per-conversation table is keyed by conversation_id first, so the
 -- step past one database server (distributing by conversation_id, as Citus
@@ -35,28 +36,6 @@ CREATE TABLE IF NOT EXISTS members (
                     CHECK (role IN ('owner', 'admin', 'member')),
     PRIMARY KEY (conversation_id, user_id)
 );
-
--- Databases made before roles and history visibility: add the columns
--- once, and make each conversation's creator its owner.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = current_schema()
-                     AND table_name = 'conversations' AND column_name = 'history') THEN
-        ALTER TABLE conversations ADD COLUMN history text NOT NULL DEFAULT 'since_join'
-            CHECK (history IN ('since_join', 'shared'));
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = current_schema()
-                     AND table_name = 'members' AND column_name = 'role') THEN
-        ALTER TABLE members ADD COLUMN role text NOT NULL DEFAULT 'member'
-            CHECK (role IN ('owner', 'admin', 'member'));
-        UPDATE members m SET role = 'owner'
-            FROM conversations c
-            WHERE m.conversation_id = c.id AND m.user_id = c.created_by;
-    END IF;
-END
-$$;
 
 -- "Which conversations is this user in": the backlog replay on connect and
 -- the conversation list both start here.

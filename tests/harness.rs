@@ -26,8 +26,9 @@ fn test_db_counts_stops_and_starts() {
     assert_eq!(db.port(), port, "same port after restart");
     assert_eq!(db.query_i64("SELECT count(*) FROM events"), 0);
 
-    // The schema is idempotent: applying it again is harmless.
-    db.execute(tether_worker::store::SCHEMA_SQL);
+    // Migrating an up-to-date database applies nothing.
+    let applied = db.with_client(|c| tether_worker::store::migrate::migrate(c).unwrap());
+    assert!(applied.is_empty(), "applied {applied:?} again");
     let tables = db.with_client(|c| {
         c.query(
             "SELECT table_name::text FROM information_schema.tables
@@ -39,7 +40,10 @@ fn test_db_counts_stops_and_starts() {
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
     });
-    assert_eq!(tables, ["conversations", "events", "members"]);
+    assert_eq!(
+        tables,
+        ["conversations", "events", "members", "schema_migrations"]
+    );
 }
 
 #[tokio::test]

@@ -137,10 +137,10 @@ pub enum Sub {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<OsString>,
     },
-    /// Apply schema.sql to --database-url (run by tether in a short-lived
-    /// child).
-    #[command(hide = true)]
-    Schema,
+    /// Apply the pending migrations to --database-url/DATABASE_URL and exit
+    /// (for deploy pipelines; tether also does it at every start).
+    #[command(alias = "schema")]
+    Migrate,
 }
 
 /// A configuration that cannot be used.

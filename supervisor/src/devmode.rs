@@ -10,7 +10,7 @@
 //! - [`apply_schema`]: applies `schema.sql` (as every worker does: [`tether_worker::store::apply_schema`]) before any
 //!   worker starts. The `postgres` client runs a tokio runtime inside, and
 //!   the supervisor process stays free of tokio and threads, so the schema
-//!   is applied by a short-lived child: `tether schema` ([`schema_main`]).
+//!   is applied by a short-lived child: `tether migrate` ([`migrate_main`]).
 //! - [`banner`]: the demo token and copy-paste examples.
 
 use std::fs;
@@ -182,15 +182,15 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<(String, bool), DevError
     Ok((secret, true))
 }
 
-/// Applies the schema to `url` in a child process (`tether schema`), so
-/// that this process never runs the client's tokio runtime.
+/// Applies the pending migrations to `url` in a child process (`tether
+/// migrate`), so that this process never runs the client's tokio runtime.
 pub fn apply_schema(url: &str) -> Result<(), DevError> {
     let exe = std::env::current_exe().map_err(|source| DevError::SchemaSpawn {
         exe: PathBuf::from("tether"),
         source,
     })?;
     let status = Command::new(&exe)
-        .arg("schema")
+        .arg("migrate")
         .env("DATABASE_URL", url)
         .stdin(Stdio::null())
         .status()
@@ -202,17 +202,18 @@ pub fn apply_schema(url: &str) -> Result<(), DevError> {
     }
 }
 
-/// `tether schema`: connects to `--database-url`/`DATABASE_URL` and applies
-/// the schema (idempotent). Exit 0 on success, 1 on failure, 2 without URL.
-pub fn schema_main(database_url: Option<&str>) -> ExitCode {
+/// `tether migrate`: connects to `--database-url`/`DATABASE_URL` and
+/// applies the pending migrations. Exit 0 on success, 1 on failure, 2
+/// without URL.
+pub fn migrate_main(database_url: Option<&str>) -> ExitCode {
     let Some(url) = database_url else {
-        eprintln!("tether schema: --database-url or DATABASE_URL is required");
+        eprintln!("tether migrate: --database-url or DATABASE_URL is required");
         return ExitCode::from(2);
     };
     let mut config: postgres::Config = match url.parse() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tether schema: bad database URL: {e}");
+            eprintln!("tether migrate: bad database URL: {e}");
             return ExitCode::from(2);
         }
     };
@@ -222,11 +223,21 @@ pub fn schema_main(database_url: Option<&str>) -> ExitCode {
     let result = config
         .connect(postgres::NoTls)
         .map_err(tether_worker::store::StoreError::from)
-        .and_then(|mut client| tether_worker::store::apply_schema(&mut client));
+        .and_then(|mut client| tether_worker::store::migrate::migrate(&mut client));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(applied) if applied.is_empty() => {
+            println!(
+                "tether migrate: up to date (version {})",
+                tether_worker::store::migrate::latest()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            println!("tether migrate: applied {applied:?}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("tether schema: applying the schema: {e}");
+            eprintln!("tether migrate: {e}");
             ExitCode::from(1)
         }
     }

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     };
     match &parsed.cli.command {
         Some(Sub::Token { user, ttl }) => token::main(user, *ttl, &parsed.cli),
-        Some(Sub::Schema) => devmode::schema_main(parsed.cli.database_url.as_deref()),
+        Some(Sub::Migrate) => devmode::migrate_main(parsed.cli.database_url.as_deref()),
         Some(Sub::Worker { .. }) => {
             eprintln!(
                 "tether: `worker` must come first, followed by worker options only: \
@@ -145,11 +145,11 @@ fn serve(parsed: &Parsed) -> ExitCode {
         }
     };
 
-    // The schema, before any worker starts. In dev mode a failure is fatal;
+    // The migrations, before any worker starts. In dev mode a failure is fatal;
     // with an external database the workers report it as unavailable and
     // keep retrying, so it is only logged.
     match devmode::apply_schema(&database_url) {
-        Ok(()) => log::info!("sup: schema applied"),
+        Ok(()) => log::info!("sup: schema up to date"),
         Err(e) if dev.is_some() => return fail(1, e),
         Err(e) => log::error!("sup: {e}; starting the workers anyway"),
     }

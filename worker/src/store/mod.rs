@@ -23,10 +23,11 @@
 
 mod append;
 pub mod membership;
+pub mod migrate;
 pub mod notice;
 mod read;
 
-/// The whole schema, applied at every start (idempotent).
+/// The whole current schema, to read (databases are built by [`migrate`]).
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
 
 pub use append::{
@@ -245,18 +246,9 @@ impl r2d2::HandleError<postgres::Error> for QuietErrors {
     }
 }
 
-/// Applies `schema.sql` (idempotent).
+/// Brings the database's schema up to date (see [`migrate`]).
 pub fn apply_schema(client: &mut Client) -> Result<(), StoreError> {
-    // Two starting processes may race on CREATE ... IF NOT EXISTS (a known
-    // PostgreSQL behaviour: both pass the check, one fails on the catalog's
-    // unique index). An advisory lock serializes them.
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock(7412093)", &[])?;
-    // "already exists, skipping" notices are expected on every start.
-    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
-    tx.batch_execute(SCHEMA_SQL)?;
-    tx.commit()?;
-    Ok(())
+    migrate::migrate(client).map(|_| ())
 }
 
 pub(crate) fn event_from_row(row: &Row) -> Event {
