@@ -30,6 +30,8 @@
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{chown, geteuid, Gid, Pid, Uid, User};
+mod replica;
+
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;

@@ -97,6 +97,8 @@ pub struct App {
     pub rate: RateLimiter,
     pub recent: Arc<recent::RecentFrames>,
     next_conn: AtomicU64,
+    /// The schema is up to date (migrations applied): `/ready` waits for it.
+    pub schema_ready: std::sync::atomic::AtomicBool,
     /// WebSocket connections open (the connection limit counts them).
     pub live_conns: AtomicU64,
     /// Every HTTP connection and WebSocket connection task: draining
@@ -307,28 +309,38 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         recent,
         next_conn: AtomicU64::new(1),
         live_conns: AtomicU64::new(0),
+        schema_ready: std::sync::atomic::AtomicBool::new(false),
         tasks: tokio_util::task::TaskTracker::new(),
     });
     health::spawn_probe(app.clone());
     probes::spawn_lag_probe(app.clone());
     probes::spawn_exposition_writer(app.clone());
 
-    // The schema is idempotent; applying it here lets a worker run on its
-    // own against an empty database. The database may be down: keep trying
-    // in the background rather than refuse to start.
+    // Pending migrations, applied here too, let a worker run on its own
+    // against an empty database; `/ready` says 503 until they are. The
+    // database may be down: keep trying in the background rather than
+    // refuse to start.
     {
         let settings = settings.clone();
+        let app = app.clone();
         tokio::task::spawn_blocking(move || {
             for attempt in 0u32.. {
                 match settings
                     .connect()
-                    .and_then(|mut c| store::apply_schema(&mut c))
+                    .and_then(|mut c| store::migrate::migrate(&mut c))
                 {
-                    Ok(()) => return,
+                    Ok(applied) => {
+                        if !applied.is_empty() {
+                            log::info!("schema: applied migrations {applied:?}");
+                        }
+                        app.schema_ready.store(true, Ordering::Release);
+                        return;
+                    }
                     Err(e) if attempt == 0 => log::warn!("schema not applied yet: {e}"),
                     Err(_) => {}
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                // Checked often: /ready waits for it.
+                std::thread::sleep(Duration::from_millis(if attempt < 20 { 100 } else { 1000 }));
             }
         });
     }

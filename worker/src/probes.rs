@@ -53,7 +53,8 @@ pub fn ready(app: &App) -> Response<Body> {
     let db_ok = app.health.connected();
     let serving = app.phase.get() == Phase::Serving;
     let fanout_ok = app.dispatcher.listener_alive();
-    let ready = db_ok && serving && fanout_ok;
+    let schema_ok = app.schema_ready.load(Ordering::Acquire);
+    let ready = db_ok && serving && fanout_ok && schema_ok;
     json_response(
         if ready {
             StatusCode::OK
@@ -63,7 +64,7 @@ pub fn ready(app: &App) -> Response<Body> {
         json!({
             "ready": ready,
             "worker": app.config.worker_id,
-            "checks": {"database": db_ok, "draining": !serving, "fanout": fanout_ok},
+            "checks": {"database": db_ok, "draining": !serving, "fanout": fanout_ok, "schema": schema_ok},
         })
         .to_string(),
     )
