@@ -138,6 +138,15 @@ pub struct WorkerOptions {
         value_enum
     )]
     pub log_format: crate::logging::LogFormat,
+    /// A read replica for history: REST pages and backlog reads go there
+    /// when it has every event they need, else to the primary.
+    #[arg(
+        long,
+        env = "TETHER_READ_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub read_database_url: Option<String>,
 }
 
 /// `--demo`'s values: on/1/true/yes and off/0/false/no.
@@ -248,6 +257,7 @@ pub struct WorkerConfig {
     /// Serve the demo chat page at `/demo/`.
     pub demo: bool,
     pub log_format: crate::logging::LogFormat,
+    pub read_database_url: Option<String>,
 }
 
 impl WorkerArgs {
@@ -289,6 +299,7 @@ impl WorkerArgs {
             rate_burst: o.rate_burst,
             demo: o.demo,
             log_format: o.log_format,
+            read_database_url: o.read_database_url,
         }
     }
 }
@@ -412,11 +423,14 @@ mod tests {
         assert_eq!(get("TETHER_DEMO"), Some("off"));
         // Not given: the default, so a worker runs with what --help showed.
         assert_eq!(get("TETHER_POOL_SIZE"), Some("16"));
-        // Every worker option, and only those (never the secret).
+        // Every worker option with a value (given or a default), and only
+        // those (never the secret); an optional one not given is not set.
         let n = WorkerOptions::augment_args(clap::Command::new("x"))
             .get_arguments()
+            .filter(|a| !a.get_default_values().is_empty())
             .count();
         assert_eq!(env.len(), n);
         assert_eq!(get("TETHER_SECRET"), None);
+        assert_eq!(get("TETHER_READ_DATABASE_URL"), None);
     }
 }

@@ -160,9 +160,21 @@ pub async fn list_events(
         Ok(l) => l,
         Err(r) => return r,
     };
+    // Membership, the history floor and how far the log goes: on the
+    // primary. The page itself: wherever it is complete (a replica that
+    // has reached the last seq, else the primary).
     let u = user.to_string();
+    let (floor, last) = match app
+        .db(move |c| store::page_bounds(c, conversation_id, &u))
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => return store_error_response(&e),
+    };
     match app
-        .db(move |c| store::events_page(c, &u, conversation_id, before, after, limit + 1))
+        .db_history(conversation_id, last, move |c| {
+            store::page_events(c, conversation_id, floor, before, after, limit + 1)
+        })
         .await
     {
         Ok(mut events) => {

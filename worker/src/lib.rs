@@ -83,6 +83,8 @@ use tokio::net::TcpListener;
 /// Everything a request or connection handler needs, shared by `Arc`.
 pub struct App {
     pub config: WorkerConfig,
+    /// The read replica for history, when configured.
+    pub replica: Option<Pool>,
     pub secret: Secret,
     /// Authenticates the notifications this worker sends.
     pub notice_key: NoticeKey,
@@ -134,6 +136,45 @@ impl App {
             }
         })
         .await
+    }
+
+    /// Runs a history read of conversation `conversation_id` that needs
+    /// every event up to `upto`: on the read replica when one is configured
+    /// and has reached `upto` (checked in the same session, right before),
+    /// else (behind, or failing) on the primary. No read ever misses an
+    /// event because a replica lags.
+    pub async fn db_history<T, F>(
+        &self,
+        conversation_id: i64,
+        upto: i64,
+        f: F,
+    ) -> Result<T, store::StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut postgres::Client) -> Result<T, store::StoreError> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        if let Some(replica) = self.replica.clone() {
+            let g = f.clone();
+            let on_replica = tokio::task::spawn_blocking(move || {
+                let mut conn = replica.get().ok()?;
+                let reached = store::last_seq(&mut conn, conversation_id).ok()? >= upto;
+                reached.then(|| g(&mut conn).ok()).flatten()
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(t) = on_replica {
+                self.metrics
+                    .history_reads_replica
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(t);
+            }
+            self.metrics
+                .history_reads_primary
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.db(move |c| f(c)).await
     }
 
     /// Runs a blocking write. The connection is checked first (one empty
@@ -293,7 +334,22 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     );
     let cursors = CursorWriter::start(pool.clone());
     let rate = RateLimiter::new(config.rate_limit, config.rate_burst);
+    let replica = match &config.read_database_url {
+        None => None,
+        Some(url) => match store::pool(
+            &DbSettings::new(url).named(&format!("tether-replica {worker}")),
+            config.pool_size,
+            Duration::from_secs(2),
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::error!("read replica: {e}");
+                return 2;
+            }
+        },
+    };
     let app = Arc::new(App {
+        replica,
         notice_key: key,
         secret: Secret::new(config.secret.clone().into_bytes()),
         config,

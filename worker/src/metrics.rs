@@ -79,6 +79,8 @@ pub struct Metrics {
     pub catchup_reads: AtomicU64,
     pub listener_reconnects: AtomicU64,
     pub notifications_unauthenticated: AtomicU64,
+    pub history_reads_replica: AtomicU64,
+    pub history_reads_primary: AtomicU64,
     pub slow_client_closes: AtomicU64,
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -108,6 +110,8 @@ impl Metrics {
             catchup_reads: AtomicU64::new(0),
             listener_reconnects: AtomicU64::new(0),
             notifications_unauthenticated: AtomicU64::new(0),
+            history_reads_replica: AtomicU64::new(0),
+            history_reads_primary: AtomicU64::new(0),
             slow_client_closes: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
@@ -126,7 +130,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 16] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
             (
                 "tether_connections_open",
                 "Open WebSocket connections.",
@@ -191,6 +195,18 @@ impl Metrics {
                 "tether_notifications_unauthenticated_total",
                 "Notifications without a valid MAC (used only as hints to read the log).",
                 &self.notifications_unauthenticated,
+                "counter",
+            ),
+            (
+                "tether_history_reads_replica_total",
+                "History reads (pages, backlogs) served by the read replica.",
+                &self.history_reads_replica,
+                "counter",
+            ),
+            (
+                "tether_history_reads_primary_total",
+                "History reads sent to the primary because the replica was behind or failing.",
+                &self.history_reads_primary,
                 "counter",
             ),
             (

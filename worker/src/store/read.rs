@@ -144,6 +144,28 @@ pub fn history_floor(
     Ok(row.get::<_, i64>(0).max(0))
 }
 
+/// A conversation's last committed seq as this server has it (0 when it
+/// does not have the conversation): how far a replica has come.
+pub fn last_seq(client: &mut Client, conversation_id: i64) -> Result<i64, StoreError> {
+    Ok(client
+        .query_opt(
+            "SELECT last_seq FROM conversations WHERE id = $1",
+            &[&conversation_id],
+        )?
+        .map_or(0, |r| r.get(0)))
+}
+
+/// What a member may page, read on the primary: (their history floor, the
+/// conversation's last seq). `NotFound` for a non-member.
+pub fn page_bounds(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+) -> Result<(i64, i64), StoreError> {
+    let floor = history_floor(client, conversation_id, user)?;
+    Ok((floor, last_seq(client, conversation_id)?))
+}
+
 /// One page of a conversation's events for a member: newest first below
 /// `before_seq`, or oldest first above `after_seq`, never at or below the
 /// member's [`history_floor`]. Keyset pagination on the primary key
@@ -157,6 +179,19 @@ pub fn events_page(
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
     let floor = history_floor(client, conversation_id, user)?;
+    page_events(client, conversation_id, floor, before_seq, after_seq, limit)
+}
+
+/// A page above `floor` (no membership check: [`events_page`] and the
+/// replica path check it first, on the primary).
+pub fn page_events(
+    client: &mut Client,
+    conversation_id: i64,
+    floor: i64,
+    before_seq: Option<i64>,
+    after_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
     let rows = match after_seq {
         Some(after) => client.query(
             &format!(

@@ -78,7 +78,9 @@ impl Connection {
             while after < upto {
                 let page = match self
                     .app
-                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
+                    .db_history(c, upto, move |cl| {
+                        store::events_range(cl, c, after, upto, PAGE)
+                    })
                     .await
                 {
                     Ok(p) => p,
@@ -227,7 +229,9 @@ impl Connection {
             let page = loop {
                 match self
                     .app
-                    .db(move |cl| store::events_range(cl, c, after, upto, PAGE))
+                    .db_history(c, upto, move |cl| {
+                        store::events_range(cl, c, after, upto, PAGE)
+                    })
                     .await
                 {
                     Ok(p) => break p,
