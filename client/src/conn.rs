@@ -29,6 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 
 type Ws = WebSocketStream<Stream>;
 type Sink = SplitSink<Ws, Message>;
+type WsStream = futures_util::stream::SplitStream<Ws>;
 
 /// A connection that stayed up this long after `synced` resets the backoff.
 const HEALTHY: Duration = Duration::from_secs(1);
@@ -407,7 +408,7 @@ impl Task {
                         }
                     }
                     if !go_on {
-                        self.goodbye(&mut sink, "client closed").await;
+                        self.goodbye(&mut sink, &mut stream, "client closed").await;
                         return End::User;
                     }
                 }
@@ -415,7 +416,7 @@ impl Task {
                     // Read down to half: reconnect, and the server replays
                     // what was left out from the cursor.
                     if self.room_for(self.opts.event_capacity.max(1).div_ceil(2)) {
-                        self.goodbye(&mut sink, "resuming after a full event channel").await;
+                        self.goodbye(&mut sink, &mut stream, "resuming after a full event channel").await;
                         return End::Resume;
                     }
                 }
@@ -445,14 +446,18 @@ impl Task {
         }
     }
 
-    /// Writes every ack wanted, then a close frame (1000), within a second.
-    async fn goodbye(&mut self, sink: &mut Sink, reason: &str) {
+    /// Writes every ack wanted, then a close frame (1000), and reads until
+    /// the server's close answers it (within two seconds): dropping a
+    /// socket with unread data resets it, and the server would lose the
+    /// acks still in its receive buffer. What arrives meanwhile is not
+    /// delivered (nor acknowledged): the server replays it next time.
+    async fn goodbye(&mut self, sink: &mut Sink, stream: &mut WsStream, reason: &str) {
         let acks = self.tracker.take_all();
         let frame = CloseFrame {
             code: CloseCode::Normal,
             reason: reason.to_string().into(),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
             for (c, seq) in acks {
                 let ack = format!(r#"{{"type":"ack","conversation_id":{c},"seq":{seq}}}"#);
                 if sink.feed(Message::text(ack)).await.is_err() {
@@ -460,10 +465,17 @@ impl Task {
                 }
                 self.stats.acks.fetch_add(1, Ordering::Relaxed);
             }
-            let _ = sink.send(Message::Close(Some(frame))).await;
-            let _ = sink.close().await;
+            if sink.send(Message::Close(Some(frame))).await.is_err() {
+                return;
+            }
+            while let Some(Ok(m)) = stream.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
         })
         .await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), sink.close()).await;
     }
 
     /// Writes due sends and acks, one flush. Ok(true) if anything was written.
