@@ -144,7 +144,7 @@ export class TetherError extends Error {
 }
 
 /** An event listener; with autoAck, a returned promise delays the ack until it settles. */
-export type Listener<T> = (value: T) => void | Promise<unknown>;
+export type Listener<T> = (value: T) => unknown;
 
 export interface TetherEventMap {
   event: TetherEvent;

@@ -35,4 +35,4 @@ fs.writeFileSync(
     `(function (global) {\n'use strict';\n${body}\nglobal.Tether = ${exportsObject};\n})(typeof globalThis !== 'undefined' ? globalThis : this);\n`,
 );
 fs.copyFileSync(path.join(root, 'index.d.ts'), path.join(out, 'index.d.cts'));
-console.log(`built dist/ (${names.join(', ')})`);
+console.error(`built dist/ (${names.join(', ')})`);
