@@ -57,7 +57,12 @@ pub enum RestError {
     /// The base URL cannot work (scheme, host, or `https://` without the
     /// `tls` feature).
     Config(String),
-    /// Connecting, writing, reading or parsing failed.
+    /// No connection: `kind` is the socket's error (`ConnectionRefused`...).
+    Connect {
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+    /// Writing, reading or parsing failed (or the request timed out).
     Io(String),
     /// The server answered with an error status and `{"error","message"}`.
     Http {
@@ -73,6 +78,7 @@ impl std::fmt::Display for RestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RestError::Config(e) => write!(f, "bad configuration: {e}"),
+            RestError::Connect { message, .. } => write!(f, "could not connect: {message}"),
             RestError::Io(e) => write!(f, "HTTP request failed: {e}"),
             RestError::Http {
                 status,
@@ -317,7 +323,21 @@ impl Rest {
             let resp = self.pool.request(req).await.map_err(|e| {
                 use std::error::Error;
                 let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
-                format!("{e}{cause}")
+                let message = format!("{}: {e}{cause}", what());
+                if !e.is_connect() {
+                    return RestError::Io(message);
+                }
+                // The socket's own error, if it is in the chain.
+                let mut source = e.source();
+                let mut kind = std::io::ErrorKind::Other;
+                while let Some(s) = source {
+                    if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                        kind = io.kind();
+                        break;
+                    }
+                    source = s.source();
+                }
+                RestError::Connect { kind, message }
             })?;
             let status = resp.status().as_u16();
             let headers = resp
@@ -332,9 +352,9 @@ impl Rest {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| RestError::Io(format!("{}: {e}", what())))?
                 .to_bytes();
-            Ok::<_, String>(Response {
+            Ok::<_, RestError>(Response {
                 status,
                 headers,
                 body: String::from_utf8_lossy(&body).into_owned(),
@@ -342,8 +362,7 @@ impl Rest {
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(RestError::Io(format!("{}: timed out", what()))),
-            Ok(Err(e)) => Err(RestError::Io(format!("{}: {e}", what()))),
-            Ok(Ok(r)) => Ok(r),
+            Ok(r) => r,
         }
     }
 
