@@ -95,7 +95,7 @@ export interface TetherClientOptions {
   tokenRefreshMarginMs?: number;
   /** At most one REST probe for a 401 per this many ms after failed handshakes (browsers). Default 30000. */
   probeIntervalMs?: number;
-  /** Give up on a handshake (and the hello frame) after this. Default 15000. */
+  /** Give up on a handshake (and the hello frame) after this. Default 10000. */
   connectTimeoutMs?: number;
   /** Ping when nothing was received for this long (0: never). Default 25000. */
   heartbeatMs?: number;

@@ -50,7 +50,7 @@ const DEFAULTS = {
   backoffFloorMs: 10,
   soonMs: 100,
   stableMs: 1000,
-  connectTimeoutMs: 15000,
+  connectTimeoutMs: 10000,
   heartbeatMs: 25000,
   heartbeatTimeoutMs: 10000,
   ackDelayMs: 1000,
