@@ -8,7 +8,9 @@
 //! - slow consumer: a backlog larger than the event channel does not
 //!   deadlock a pending send, and every event still arrives once, in order;
 //! - configuration errors fail fast; a refused connection says why;
-//! - typed REST answers, forward paging, back-filling a gap.
+//! - typed REST answers, forward paging, back-filling a gap;
+//! - drain (SIGTERM, 1001): reconnect, nothing lost or repeated;
+//! - token refresh: an expired token replaced through the callback.
 
 mod common;
 
@@ -230,4 +232,93 @@ async fn typed_rest_answers_forward_paging_and_backfill() {
     let sent = chat.send("through the view").await.unwrap();
     assert!(sent.seq > 253);
     close(client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_1001_reconnects_and_loses_or_repeats_nothing() {
+    let pg = start_db();
+    let mut w1 = start_worker(&pg, "w1").await;
+    let addr = w1.addr;
+    let alice = Rest::new(&w1.base_url(), token("alice"));
+    let conv = conversation_with(&alice, &["bob"], 50).await;
+    let mut bob = Client::connect(options(&w1.ws_url(), "bob"));
+    for want in 1..=50 {
+        assert_eq!(next_in(&mut bob, conv).await.seq, want);
+    }
+    // SIGTERM: the worker drains, closing its sockets with 1001.
+    let pid = w1.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = loop {
+        if let ClientEvent::Error(ClientError::Disconnected { code, .. }) = next(&mut bob).await {
+            break code;
+        }
+    };
+    assert_eq!(code, Some(1001), "a draining worker says 1001");
+    let _ = tokio::task::spawn_blocking(move || w1.child.wait()).await;
+    let w2 = Worker::start(&pg.url(), addr, "w2").await;
+    let alice = Rest::new(&w2.base_url(), token("alice"));
+    for i in 51..=100 {
+        alice
+            .send_message(conv, &format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+    for want in 51..=100 {
+        assert_eq!(
+            next_in(&mut bob, conv).await.seq,
+            want,
+            "once, in order, after the drain"
+        );
+    }
+    close(bob).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_replaced_through_the_callback_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tether_client::TokenSource;
+    let pg = start_db();
+    let w = start_worker(&pg, "w1").await;
+    let expired = || {
+        let secret = tether_protocol::auth::Secret::new(SECRET.as_bytes().to_vec());
+        let past = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 60;
+        tether_protocol::auth::issue_raw(&secret, "bob", past).unwrap()
+    };
+    // A stale cache hands out an expired token first: refused (401), asked
+    // again at once, connected.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let mut o = options(&w.ws_url(), "bob");
+    o.token = TokenSource::fetch(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let t = if n == 1 { expired() } else { token("bob") };
+        async move { Ok(t) }
+    });
+    let mut bob = Client::connect(o);
+    assert!(bob.wait_synced(T).await.is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    close(bob).await;
+
+    // Always expired: given up after the second refusal.
+    let mut o = options(&w.ws_url(), "bob");
+    o.token = TokenSource::fetch(move || {
+        let t = expired();
+        async move { Ok(t) }
+    });
+    let mut eve = Client::connect(o);
+    let seen = until_closed(&mut eve).await;
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, ClientEvent::Error(ClientError::Unauthorized(_)))),
+        "{seen:?}"
+    );
 }

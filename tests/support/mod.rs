@@ -909,7 +909,11 @@ pub fn http_blocking(
     body: Option<&Value>,
 ) -> io::Result<HttpResponse> {
     let body = body.map(|b| serde_json::to_vec(b).unwrap());
-    let (method, path, token) = (method.to_string(), path.to_string(), token.map(str::to_string));
+    let (method, path, token) = (
+        method.to_string(),
+        path.to_string(),
+        token.map(str::to_string),
+    );
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
