@@ -132,11 +132,20 @@ impl Task {
                 return self.finish();
             }
         };
+        // The last token fetched, reused until shortly before its exp.
+        let mut cached: Option<String> = None;
         'life: loop {
             self.emit(ClientEvent::State(ConnState::Connecting));
             let mut auth_failed = None;
             let mut soon = false;
-            match self.opts.token.get().await {
+            let token = match cached.take() {
+                Some(t) if auth_failures == 0 && !self.expiring(&t) => Ok(t),
+                _ => self.opts.token.get().await,
+            };
+            if let Ok(t) = &token {
+                cached = Some(t.clone());
+            }
+            match token {
                 Err(e) => {
                     self.emit(ClientEvent::Error(ClientError::Token(e.to_string())));
                 }
@@ -206,6 +215,17 @@ impl Task {
             }
         }
         self.finish()
+    }
+
+    /// Whether `token` expires within the refresh margin (or says nothing).
+    fn expiring(&self, token: &str) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        match tether_protocol::auth::unverified_exp(token) {
+            Some(exp) => Duration::from_secs(exp) < now + self.opts.token_refresh_margin,
+            None => true,
+        }
     }
 
     /// The end: every unanswered send fails with `Closed`.

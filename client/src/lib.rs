@@ -80,7 +80,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum TokenSource {
     /// The same token every time.
     Fixed(String),
-    /// Called before each (re)connect, and once more after an
+    /// Called when there is no token yet, when the last one expires within
+    /// [`ClientOptions::token_refresh_margin`], and once more after an
     /// authentication failure before giving up.
     Fetch(Arc<dyn Fn() -> BoxFuture<'static, Result<String, BoxError>> + Send + Sync>),
 }
@@ -139,6 +140,8 @@ pub struct ClientOptions {
     /// `/v1/ws` is appended unless there).
     pub url: String,
     pub token: TokenSource,
+    /// A fetched token is reused until this long before its `exp`.
+    pub token_refresh_margin: Duration,
     pub backoff: Backoff,
     /// Sends not yet answered; beyond it [`SendError::OutboxFull`].
     pub outbox_limit: usize,
@@ -177,6 +180,7 @@ impl ClientOptions {
         ClientOptions {
             url: url.into(),
             token: token.into(),
+            token_refresh_margin: Duration::from_secs(30),
             backoff: Backoff::default(),
             outbox_limit: 1000,
             max_inflight_sends: 128,

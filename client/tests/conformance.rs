@@ -9,7 +9,8 @@
 //!   deadlock a pending send, and every event still arrives once, in order;
 //! - configuration errors fail fast; a refused connection says why;
 //! - typed REST answers, forward paging, back-filling a gap;
-//! - drain (SIGTERM, 1001): reconnect, nothing lost or repeated;
+//! - drain (SIGTERM, 1001): reconnect (with the same, still valid token),
+//!   nothing lost or repeated;
 //! - token refresh: an expired token replaced through the callback.
 
 mod common;
@@ -241,7 +242,15 @@ async fn drain_1001_reconnects_and_loses_or_repeats_nothing() {
     let addr = w1.addr;
     let alice = Rest::new(&w1.base_url(), token("alice"));
     let conv = conversation_with(&alice, &["bob"], 50).await;
-    let mut bob = Client::connect(options(&w1.ws_url(), "bob"));
+    // A token callback: a valid token is reused across the reconnect.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let mut o = options(&w1.ws_url(), "bob");
+    o.token = tether_client::TokenSource::fetch(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok(token("bob")) }
+    });
+    let mut bob = Client::connect(o);
     for want in 1..=50 {
         assert_eq!(next_in(&mut bob, conv).await.seq, want);
     }
@@ -274,6 +283,17 @@ async fn drain_1001_reconnects_and_loses_or_repeats_nothing() {
             "once, in order, after the drain"
         );
     }
+    assert!(
+        bob.stats()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the token was reused"
+    );
     close(bob).await;
 }
 
