@@ -365,3 +365,50 @@ test('a silent connection is abandoned by the heartbeat', { timeout: 30000 }, as
   assert.ok(states.some((s) => s.state === 'reconnecting' && s.reason === 'heartbeat timeout'));
   c.close();
 });
+
+test('the 401 probe after failed handshakes is rate-limited', { timeout: 30000 }, async () => {
+  fresh();
+  let probes = 0;
+  const c = client({
+    fetch: async () => {
+      probes++;
+      return { status: 200 }; // not a token problem
+    },
+    backoffBaseMs: 5,
+    backoffCapMs: 5,
+    backoffFloorMs: 5,
+  });
+  const failures = [];
+  c.on('error', (e) => e.code === 'connect_failed' && failures.push(e));
+  c.connect();
+  for (let n = 1; n <= 5; n++) {
+    await waitFor(() => FakeWS.all.length === n, { what: `attempt ${n}` });
+    latest().drop(1006); // a browser learns nothing about why
+    await waitFor(() => failures.length === n, { what: `failure ${n} reported` });
+  }
+  assert.equal(probes, 1, 'one probe per probeIntervalMs, not one per failed handshake');
+  c.close();
+});
+
+test('a browser coming back online reconnects at once', { timeout: 30000 }, async () => {
+  fresh();
+  const target = new EventTarget();
+  globalThis.addEventListener = target.addEventListener.bind(target);
+  globalThis.removeEventListener = target.removeEventListener.bind(target);
+  try {
+    const c = client({ backoffBaseMs: 60000, backoffCapMs: 60000, backoffFloorMs: 60000 });
+    c.connect();
+    await waitFor(() => FakeWS.all.length === 1, { what: 'a socket' });
+    latest().refuse(503);
+    await waitFor(() => c.state === 'reconnecting', { what: 'a minute of backoff' });
+    target.dispatchEvent(new Event('online'));
+    await waitFor(() => FakeWS.all.length === 2, { what: 'the reconnect the online event triggers' });
+    c.close();
+    // A reconnect would set the state to `connecting` synchronously.
+    target.dispatchEvent(new Event('online'));
+    assert.equal(c.state, 'closed', 'a closed client ignores it (the listener is gone)');
+  } finally {
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
