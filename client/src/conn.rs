@@ -262,6 +262,12 @@ impl Task {
         match cmd {
             None | Some(Cmd::Close) => false,
             Some(Cmd::ReconnectNow) => true,
+            Some(Cmd::Cancel { id }) => {
+                if self.outbox.complete(&id, self.conn).is_some() {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+                true
+            }
             Some(Cmd::Ack {
                 conversation_id,
                 seq,

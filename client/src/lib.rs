@@ -367,7 +367,34 @@ pub(crate) enum Cmd {
     },
     /// Skip the backoff wait now under way (if any).
     ReconnectNow,
+    /// The caller dropped a send's future: forget the send.
+    Cancel {
+        id: String,
+    },
     Close,
+}
+
+/// Cancels a send whose future is dropped before its answer (a timeout, a
+/// `select!` that went the other way): it leaves the outbox. It may have
+/// been stored already; a retry with the same id tells.
+struct CancelOnDrop {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    id: Option<String>,
+}
+
+impl CancelOnDrop {
+    /// The send was answered (or never queued): nothing to cancel.
+    fn disarm(&mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.cmd.send(Cmd::Cancel { id });
+        }
+    }
 }
 
 /// The cloneable sending half of a [`Client`].
@@ -381,7 +408,9 @@ pub struct ClientHandle {
 
 impl ClientHandle {
     /// Sends `body` to a conversation with a fresh `client_msg_id`; resolves
-    /// once the server has committed it (or with a final error).
+    /// once the server has committed it (or with a final error). Dropping
+    /// the future (e.g. `tokio::time::timeout`) cancels the send: it leaves
+    /// the outbox (it may have been stored already).
     pub fn send(
         &self,
         conversation_id: i64,
@@ -399,6 +428,11 @@ impl ClientHandle {
         client_msg_id: impl Into<String>,
     ) -> impl Future<Output = Result<Sent, SendError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
+        let client_msg_id: String = client_msg_id.into();
+        let mut guard = CancelOnDrop {
+            cmd: self.cmd.clone(),
+            id: Some(client_msg_id.clone()),
+        };
         let admitted = self
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -411,7 +445,7 @@ impl ClientHandle {
             })
         } else {
             let cmd = Cmd::Send {
-                id: client_msg_id.into(),
+                id: client_msg_id,
                 conversation_id,
                 body: body.into(),
                 reply: tx,
@@ -426,9 +460,12 @@ impl ClientHandle {
         };
         async move {
             if let Some(e) = early {
+                guard.disarm();
                 return Err(e);
             }
-            rx.await.unwrap_or(Err(SendError::Closed))
+            let result = rx.await.unwrap_or(Err(SendError::Closed));
+            guard.disarm();
+            result
         }
     }
 

@@ -170,6 +170,18 @@ async fn configuration_errors_fail_fast_and_refusals_say_why() {
             break;
         }
     }
+    // A send given up on (a timeout drops its future) leaves the outbox.
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), c.send(1, "x")).await;
+    assert!(gave_up.is_err(), "nothing can answer it");
+    let handle = c.handle();
+    let deadline = std::time::Instant::now() + T;
+    while handle.outbox_len() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the send stays queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     close(c).await;
 }
 
