@@ -224,8 +224,11 @@ async fn http_client_against_a_canned_server() {
         request.starts_with("POST /v1/conversations HTTP/1.1\r\n"),
         "{request}"
     );
+    // Header names are case-insensitive (hyper writes them in lower case).
     assert!(
-        request.contains("Authorization: Bearer TOKEN\r\n"),
+        request
+            .to_ascii_lowercase()
+            .contains("authorization: bearer token\r\n"),
         "{request}"
     );
     assert!(request.ends_with("{\"x\":1}"), "{request}");

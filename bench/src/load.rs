@@ -87,7 +87,7 @@ pub async fn create_conversations(
                 let mut tries = 0;
                 loop {
                     match rest.create_conversation(&members, "bench").await {
-                        Ok(id) => return Ok((i, id)),
+                        Ok(c) => return Ok((i, c.id)),
                         Err(e) if tries < 5 => {
                             tries += 1;
                             log::warn!("create conversation: {e}; retrying");
@@ -151,7 +151,7 @@ impl Reader {
             while let Some(ev) = rx.recv().await {
                 match ev {
                     ClientEvent::Event(e) => {
-                        if e.event != "message.created" || e.conversation_id != conversation {
+                        if e.kind != "message.created" || e.conversation_id != conversation {
                             continue;
                         }
                         if e.seq <= last {

@@ -1,73 +1,47 @@
 //! The background task that owns the socket: connect, read the backlog,
-//! deliver, ack, write sends, reconnect.
+//! deliver (never waiting on the application's channel), ack what was
+//! consumed, write sends, reconnect.
 
 use crate::backoff::Rng;
 use crate::outbox::{retryable, Outbox, Pending};
 use crate::tracker::{AckPolicy, Seen, Tracker};
+use crate::transport::{self, Endpoints, Stream};
 use crate::{
-    ClientError, ClientEvent, ClientOptions, Cmd, ConnState, EventFrame, SendError, Sent, Stats,
+    ClientError, ClientEvent, ClientOptions, Cmd, ConnState, Event, SendError, Sent, Stats,
+    CONTROL_ROOM,
 };
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tether_protocol::frames::ServerFrame;
+use tokio::net::TcpSocket;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stream>;
 type Sink = SplitSink<Ws, Message>;
+type WsStream = futures_util::stream::SplitStream<Ws>;
 
 /// A connection that stayed up this long after `synced` resets the backoff.
 const HEALTHY: Duration = Duration::from_secs(1);
 /// Frames handled per wake-up before writing (batches reads and commands).
 const BATCH: usize = 256;
 
-/// A frame from the server.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ServerFrame {
-    Hello {
-        #[serde(default)]
-        user: String,
-        #[serde(default)]
-        worker: String,
-    },
-    Event(EventFrame),
-    Synced,
-    Sent {
-        client_msg_id: String,
-        conversation_id: i64,
-        seq: i64,
-        #[serde(default)]
-        duplicate: bool,
-    },
-    Error {
-        code: String,
-        #[serde(default)]
-        message: String,
-        #[serde(default)]
-        client_msg_id: Option<String>,
-        #[serde(default)]
-        retry_after: Option<f64>,
-    },
-    Pong,
-    #[serde(other)]
-    Unknown,
-}
-
 /// How a session ended.
 enum End {
     /// Closed by the application (or every handle dropped).
     User,
+    /// Closed by us to replay what did not fit in the event channel.
+    Resume,
     Lost {
         code: Option<u16>,
         reason: String,
@@ -77,6 +51,8 @@ enum End {
 
 enum OpenError {
     Unauthorized(String),
+    /// Retrying cannot help (a 4xx other than 401/429 on the handshake).
+    Config(String),
     Other(String),
 }
 
@@ -90,6 +66,11 @@ pub(crate) struct Task {
     outbox: Outbox,
     rng: Rng,
     conn: u64,
+    endpoints: Result<Endpoints, String>,
+    /// Signalled by the application's reads (room in the channel).
+    room: Arc<Notify>,
+    /// This connection stopped delivering: the channel was full.
+    overflowed: bool,
 }
 
 impl Task {
@@ -99,13 +80,13 @@ impl Task {
         ev_tx: mpsc::Sender<ClientEvent>,
         pending: Arc<AtomicUsize>,
         stats: Arc<Stats>,
+        room: Arc<Notify>,
     ) -> Task {
         let tracker = Tracker::new(AckPolicy {
             every: opts.ack_every.max(1),
             interval: opts.ack_interval,
         });
         Task {
-            opts,
             cmd_rx,
             ev_tx,
             pending,
@@ -114,12 +95,26 @@ impl Task {
             outbox: Outbox::default(),
             rng: Rng::from_os(),
             conn: 0,
+            endpoints: transport::endpoints(&opts.url),
+            opts,
+            room,
+            overflowed: false,
         }
     }
 
-    async fn emit(&self, ev: ClientEvent) {
+    /// Queues a state change or error; never waits. Events keep
+    /// `CONTROL_ROOM` slots free for these, so only an application that
+    /// reads nothing through many reconnects loses some (the oldest stay).
+    fn emit(&self, ev: ClientEvent) {
         // A dropped receiver is fine: the application only sends.
-        let _ = self.ev_tx.send(ev).await;
+        if let Err(mpsc::error::TrySendError::Full(ev)) = self.ev_tx.try_send(ev) {
+            log::debug!("event channel full: dropped {ev:?}");
+        }
+    }
+
+    /// Room for `n` more events (the control slots excluded).
+    fn room_for(&self, n: usize) -> bool {
+        self.ev_tx.capacity() >= CONTROL_ROOM + n
     }
 
     fn answer(&self, p: Pending, result: Result<Sent, SendError>) {
@@ -130,19 +125,39 @@ impl Task {
     pub async fn run(mut self) {
         let mut attempt: u32 = 0;
         let mut auth_failures: u32 = 0;
+        let endpoints = match self.endpoints.clone() {
+            Ok(e) => e,
+            Err(why) => {
+                self.emit(ClientEvent::Error(ClientError::Config(why)));
+                return self.finish();
+            }
+        };
+        // The last token fetched, reused until shortly before its exp.
+        let mut cached: Option<String> = None;
         'life: loop {
-            self.emit(ClientEvent::State(ConnState::Connecting)).await;
+            self.emit(ClientEvent::State(ConnState::Connecting));
             let mut auth_failed = None;
-            match self.opts.token.get().await {
+            let mut soon = false;
+            let token = match cached.take() {
+                Some(t) if auth_failures == 0 && !self.expiring(&t) => Ok(t),
+                _ => self.opts.token.get().await,
+            };
+            if let Ok(t) = &token {
+                cached = Some(t.clone());
+            }
+            match token {
                 Err(e) => {
-                    self.emit(ClientEvent::Error(ClientError::Token(e.to_string())))
-                        .await;
+                    self.emit(ClientEvent::Error(ClientError::Token(e.to_string())));
                 }
-                Ok(token) => match self.open(&token).await {
+                Ok(token) => match self.open(&endpoints, &token).await {
                     Ok(ws) => {
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         match self.session(ws, &mut auth_failures).await {
                             End::User => break 'life,
+                            End::Resume => {
+                                self.outbox.connection_lost();
+                                soon = true;
+                            }
                             End::Lost {
                                 code,
                                 reason,
@@ -152,8 +167,7 @@ impl Task {
                                 self.emit(ClientEvent::Error(ClientError::Disconnected {
                                     code,
                                     reason: reason.clone(),
-                                }))
-                                .await;
+                                }));
                                 if code == Some(1008) {
                                     auth_failed = Some(reason);
                                 } else if synced_at.is_some_and(|t| t.elapsed() >= HEALTHY) {
@@ -165,10 +179,14 @@ impl Task {
                         }
                     }
                     Err(OpenError::Unauthorized(why)) => auth_failed = Some(why),
+                    Err(OpenError::Config(why)) => {
+                        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        self.emit(ClientEvent::Error(ClientError::Config(why)));
+                        break 'life;
+                    }
                     Err(OpenError::Other(why)) => {
                         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                        self.emit(ClientEvent::Error(ClientError::Connect(why)))
-                            .await;
+                        self.emit(ClientEvent::Error(ClientError::Connect(why)));
                     }
                 },
             }
@@ -176,25 +194,42 @@ impl Task {
                 Some(why) => {
                     auth_failures += 1;
                     if !self.opts.token.refreshable() || auth_failures >= 2 {
-                        self.emit(ClientEvent::Error(ClientError::Unauthorized(why)))
-                            .await;
+                        self.emit(ClientEvent::Error(ClientError::Unauthorized(why)));
                         break 'life;
                     }
                     // Once more, right away, with a fresh token.
                     self.opts.backoff.floor
                 }
+                None if soon => self.opts.backoff.floor,
                 None => self.opts.backoff.delay(attempt, &mut self.rng),
             };
-            attempt = attempt.saturating_add(1);
+            if !soon {
+                attempt = attempt.saturating_add(1);
+            }
             self.emit(ClientEvent::State(ConnState::Reconnecting {
                 delay,
-                attempt,
-            }))
-            .await;
+                attempt: attempt.max(1),
+            }));
             if !self.pause(delay).await {
                 break 'life;
             }
         }
+        self.finish()
+    }
+
+    /// Whether `token` expires within the refresh margin (or says nothing).
+    fn expiring(&self, token: &str) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        match tether_protocol::auth::unverified_exp(token) {
+            Some(exp) => Duration::from_secs(exp) < now + self.opts.token_refresh_margin,
+            None => true,
+        }
+    }
+
+    /// The end: every unanswered send fails with `Closed`.
+    fn finish(mut self) {
         for p in self.outbox.drain() {
             self.answer(p, Err(SendError::Closed));
         }
@@ -205,7 +240,7 @@ impl Task {
                 let _ = reply.send(Err(SendError::Closed));
             }
         }
-        self.emit(ClientEvent::State(ConnState::Closed)).await;
+        self.emit(ClientEvent::State(ConnState::Closed));
     }
 
     /// Waits `delay`, taking commands meanwhile. False: close requested.
@@ -214,7 +249,10 @@ impl Task {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return true,
-                cmd = self.cmd_rx.recv() => if !self.on_cmd(cmd) { return false },
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Cmd::ReconnectNow) => return true,
+                    cmd => if !self.on_cmd(cmd) { return false },
+                },
             }
         }
     }
@@ -223,6 +261,13 @@ impl Task {
     fn on_cmd(&mut self, cmd: Option<Cmd>) -> bool {
         match cmd {
             None | Some(Cmd::Close) => false,
+            Some(Cmd::ReconnectNow) => true,
+            Some(Cmd::Cancel { id }) => {
+                if self.outbox.complete(&id, self.conn).is_some() {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+                true
+            }
             Some(Cmd::Ack {
                 conversation_id,
                 seq,
@@ -271,28 +316,24 @@ impl Task {
         }
     }
 
-    async fn open(&self, token: &str) -> Result<Ws, OpenError> {
-        let url = with_token(&self.opts.url, token);
-        let request = url
+    async fn open(&self, ep: &Endpoints, token: &str) -> Result<Ws, OpenError> {
+        let mut request = ep
+            .ws
             .as_str()
             .into_client_request()
-            .map_err(|e| OpenError::Other(format!("bad URL {}: {e}", self.opts.url)))?;
-        if request.uri().scheme_str() != Some("ws") {
-            return Err(OpenError::Other(format!(
-                "only ws:// URLs are supported, not {}",
-                self.opts.url
-            )));
-        }
-        let host = request
-            .uri()
-            .host()
-            .unwrap_or("127.0.0.1")
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = request.uri().port_u16().unwrap_or(80);
+            .map_err(|e| OpenError::Config(format!("bad URL {}: {e}", ep.ws)))?;
+        // The token as a subprotocol, never in the URL (proxies log URLs).
+        let mut offer = HeaderValue::from_str(&format!("tether.v1, tether.token.{token}"))
+            .map_err(|_| OpenError::Config("the token is not a valid header value".into()))?;
+        offer.set_sensitive(true);
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", offer);
+        let (host, port, tls) = (ep.host.clone(), ep.port, ep.tls);
         let config = WebSocketConfig::default().read_buffer_size(self.opts.read_buffer.max(256));
         let bind = self.opts.bind;
+        #[cfg(feature = "tls")]
+        let tls_config = self.opts.tls.clone();
         let attempt = async move {
             let addr = tokio::net::lookup_host((host.as_str(), port))
                 .await
@@ -310,11 +351,20 @@ impl Task {
                     .bind(SocketAddr::new(ip, 0))
                     .map_err(|e| OpenError::Other(format!("bind {ip}: {e}")))?;
             }
-            let stream = socket
+            let tcp = socket
                 .connect(addr)
                 .await
                 .map_err(|e| OpenError::Other(format!("connect {addr}: {e}")))?;
-            let _ = stream.set_nodelay(true);
+            let _ = tcp.set_nodelay(true);
+            let stream = Stream::new(
+                tcp,
+                tls,
+                &host,
+                #[cfg(feature = "tls")]
+                tls_config,
+            )
+            .await
+            .map_err(|e| OpenError::Other(format!("TLS with {host}: {e}")))?;
             match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
                 Ok((ws, _)) => Ok(ws),
                 Err(WsError::Http(r)) => {
@@ -324,11 +374,15 @@ impl Task {
                         .map(|b| String::from_utf8_lossy(b).into_owned())
                         .unwrap_or_default();
                     let status = r.status().as_u16();
-                    if status == 401 {
-                        Err(OpenError::Unauthorized(format!("HTTP 401: {body}")))
-                    } else {
-                        Err(OpenError::Other(format!("HTTP {status}: {body}")))
-                    }
+                    let why = format!("HTTP {status}: {body:.200}");
+                    Err(match status {
+                        401 => OpenError::Unauthorized(why),
+                        429 | 503 => OpenError::Other(why),
+                        400..=499 => OpenError::Config(format!(
+                            "the handshake was refused ({why}); is the URL the gateway's?"
+                        )),
+                        _ => OpenError::Other(why),
+                    })
                 }
                 Err(e) => Err(OpenError::Other(format!("handshake: {e}"))),
             }
@@ -348,6 +402,7 @@ impl Task {
         let conn = self.conn;
         self.tracker.reconnected();
         self.outbox.connection_lost();
+        self.overflowed = false;
         let (mut sink, mut stream) = ws.split();
         let mut synced_at: Option<Instant> = None;
         let mut last_write = Instant::now();
@@ -379,12 +434,16 @@ impl Task {
                         }
                     }
                     if !go_on {
-                        let frame = CloseFrame { code: CloseCode::Normal, reason: "client closed".into() };
-                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                            let _ = sink.send(Message::Close(Some(frame))).await;
-                            let _ = sink.close().await;
-                        }).await;
+                        self.goodbye(&mut sink, &mut stream, "client closed").await;
                         return End::User;
+                    }
+                }
+                _ = self.room.notified(), if self.overflowed => {
+                    // Read down to half: reconnect, and the server replays
+                    // what was left out from the cursor.
+                    if self.room_for(self.opts.event_capacity.max(1).div_ceil(2)) {
+                        self.goodbye(&mut sink, &mut stream, "resuming after a full event channel").await;
+                        return End::Resume;
                     }
                 }
                 msg = stream.next() => {
@@ -411,6 +470,38 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Writes every ack wanted, then a close frame (1000), and reads until
+    /// the server's close answers it (within two seconds): dropping a
+    /// socket with unread data resets it, and the server would lose the
+    /// acks still in its receive buffer. What arrives meanwhile is not
+    /// delivered (nor acknowledged): the server replays it next time.
+    async fn goodbye(&mut self, sink: &mut Sink, stream: &mut WsStream, reason: &str) {
+        let acks = self.tracker.take_all();
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: reason.to_string().into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for (c, seq) in acks {
+                let ack = format!(r#"{{"type":"ack","conversation_id":{c},"seq":{seq}}}"#);
+                if sink.feed(Message::text(ack)).await.is_err() {
+                    return;
+                }
+                self.stats.acks.fetch_add(1, Ordering::Relaxed);
+            }
+            if sink.send(Message::Close(Some(frame))).await.is_err() {
+                return;
+            }
+            while let Some(Ok(m)) = stream.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), sink.close()).await;
     }
 
     /// Writes due sends and acks, one flush. Ok(true) if anything was written.
@@ -443,12 +534,22 @@ impl Task {
         Ok(wrote)
     }
 
-    async fn on_event(&mut self, e: EventFrame) {
+    /// Delivers an event unless it is a duplicate, or the channel is full
+    /// (then it, and the rest of this connection's events, stay on the
+    /// server until the application has read the channel down).
+    fn on_event(&mut self, e: Event) {
+        if self.overflowed || !self.room_for(2) {
+            if !self.overflowed {
+                self.overflowed = true;
+                self.emit(ClientEvent::Error(ClientError::Overflow {
+                    capacity: self.opts.event_capacity,
+                }));
+            }
+            self.tracker.sent_by_server(e.conversation_id, e.seq);
+            return;
+        }
         let now = std::time::Instant::now();
-        match self
-            .tracker
-            .observe(e.conversation_id, e.seq, self.opts.auto_ack, now)
-        {
+        match self.tracker.observe(e.conversation_id, e.seq, now) {
             Seen::Duplicate => {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             }
@@ -458,14 +559,13 @@ impl Task {
                     conversation_id: e.conversation_id,
                     expected,
                     got: e.seq,
-                }))
-                .await;
+                }));
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
-                self.emit(ClientEvent::Event(e)).await;
+                self.emit(ClientEvent::Event(e));
             }
             Seen::New => {
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
-                self.emit(ClientEvent::Event(e)).await;
+                self.emit(ClientEvent::Event(e));
             }
         }
     }
@@ -500,8 +600,8 @@ impl Task {
         // pattern cannot occur inside a JSON string (its quotes would be
         // escaped).
         if text.as_str().contains(r#""type":"event""#) {
-            if let Ok(e) = serde_json::from_str::<EventFrame>(text.as_str()) {
-                self.on_event(e).await;
+            if let Ok(e) = serde_json::from_str::<Event>(text.as_str()) {
+                self.on_event(e);
                 return None;
             }
         }
@@ -515,14 +615,14 @@ impl Task {
         match frame {
             ServerFrame::Hello { user, worker } => {
                 *auth_failures = 0;
-                self.emit(ClientEvent::Hello { user, worker }).await;
-                self.emit(ClientEvent::State(ConnState::Open)).await;
+                self.emit(ClientEvent::Hello { user, worker });
+                self.emit(ClientEvent::State(ConnState::Open));
             }
-            ServerFrame::Event(e) => self.on_event(e).await,
+            ServerFrame::Event(e) => self.on_event(e),
             ServerFrame::Synced => {
                 *synced_at = Some(Instant::now());
-                self.emit(ClientEvent::Synced).await;
-                self.emit(ClientEvent::State(ConnState::Synced)).await;
+                self.emit(ClientEvent::Synced);
+                self.emit(ClientEvent::State(ConnState::Synced));
             }
             ServerFrame::Sent {
                 client_msg_id,
@@ -561,8 +661,7 @@ impl Task {
                         }
                     }
                     None => {
-                        self.emit(ClientEvent::Error(ClientError::Server { code, message }))
-                            .await;
+                        self.emit(ClientEvent::Error(ClientError::Server { code, message }));
                     }
                 }
             }
@@ -581,70 +680,5 @@ fn lost_reason(code: Option<u16>, reason: &str, synced_at: Option<Instant>) -> E
         code,
         reason: reason.to_string(),
         synced_at,
-    }
-}
-
-/// `url` with `token=TOKEN` added to its query.
-fn with_token(url: &str, token: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let mut out = String::with_capacity(url.len() + token.len() + 8);
-    out.push_str(url);
-    out.push(sep);
-    out.push_str("token=");
-    for b in token.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_goes_in_the_query_encoded() {
-        assert_eq!(
-            with_token("ws://h:1/v1/ws", "a.b_c-d"),
-            "ws://h:1/v1/ws?token=a.b_c-d"
-        );
-        assert_eq!(
-            with_token("ws://h:1/v1/ws?x=1", "a+b/="),
-            "ws://h:1/v1/ws?x=1&token=a%2Bb%2F%3D"
-        );
-    }
-
-    #[test]
-    fn server_frames_parse() {
-        let f: ServerFrame = serde_json::from_str(
-            r#"{"type":"event","conversation_id":3,"seq":7,"event":"message.created","sender":"a","created_at":"t","body":"hi","client_msg_id":"m"}"#,
-        )
-        .unwrap();
-        assert!(
-            matches!(f, ServerFrame::Event(e) if e.seq == 7 && e.body.as_deref() == Some("hi"))
-        );
-        let f: ServerFrame = serde_json::from_str(
-            r#"{"type":"sent","client_msg_id":"m","conversation_id":3,"seq":7,"duplicate":true}"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            f,
-            ServerFrame::Sent {
-                duplicate: true,
-                ..
-            }
-        ));
-        let f: ServerFrame = serde_json::from_str(
-            r#"{"type":"error","code":"rate_limited","message":"m","client_msg_id":"x","retry_after":2}"#,
-        )
-        .unwrap();
-        assert!(
-            matches!(f, ServerFrame::Error { retry_after: Some(r), .. } if (r - 2.0).abs() < 1e-9)
-        );
-        let f: ServerFrame = serde_json::from_str(r#"{"type":"whatever","x":1}"#).unwrap();
-        assert!(matches!(f, ServerFrame::Unknown));
     }
 }

@@ -1,35 +1,48 @@
 //! `tether-client`: a Rust client for the tether WebSocket gateway, with
-//! the semantics of the JavaScript SDK (`clients/js`).
+//! the semantics of the JavaScript SDK (`clients/js`); docs/SDK.md is the
+//! spec both follow.
 //!
-//! - [`Client::connect`] spawns a background task that owns the socket. It
-//!   reconnects with full-jitter exponential backoff ([`Backoff`]: base
-//!   100 ms, cap 5 s), soon after a `1001` (server draining) or `1013`
-//!   (client too slow; the server replays from the cursor), never in a
-//!   tight loop. The token goes in `?token=`; a [`TokenSource::fetch`]
-//!   closure is called before each (re)connect, and once more after an
-//!   authentication failure (HTTP 401 or close `1008`) before giving up.
-//! - Per conversation it keeps the highest seq seen, drops anything at or
-//!   below it and reports a gap as [`ClientError::Gap`] (never hides it).
+//! - [`Client::connect`] spawns a background task that owns the socket. The
+//!   URL is a base URL (`http://host:port`, `https://...` with the `tls`
+//!   feature, or the WebSocket URL itself): `/v1/ws` is appended. The token
+//!   is offered as a subprotocol (`tether.v1, tether.token.<JWT>`), never in
+//!   the URL. It reconnects with full-jitter exponential backoff
+//!   ([`Backoff`]: base 100 ms, cap 5 s), soon after a `1001` (server
+//!   draining) or `1013` (client too slow), never in a tight loop. A
+//!   configuration error (a bad scheme, a handshake answered 4xx other than
+//!   401/429) ends the client at once with [`ClientError::Config`].
+//! - Per conversation it keeps the highest seq delivered, drops anything at
+//!   or below it and reports a gap as [`ClientError::Gap`] (never hides it).
+//! - **Acks follow consumption**: with `auto_ack` (the default) an event is
+//!   acknowledged once [`Client::next_event`] has returned it to the
+//!   application; with `auto_ack: false` only what [`Client::ack`] names.
 //!   Acks are coalesced (every [`ClientOptions::ack_every`] events or after
-//!   [`ClientOptions::ack_interval`]), at most one in flight per
-//!   conversation.
+//!   [`ClientOptions::ack_interval`]) and flushed by [`Client::close`].
+//! - The event channel is bounded and a full one never blocks the socket:
+//!   events that do not fit are not delivered (nor acknowledged) on this
+//!   connection, which goes on reading (so `sent` and `synced` still
+//!   arrive); once the application has drained the channel to half, the
+//!   client reconnects and the server replays from the cursor.
 //! - [`Client::send`] generates a `client_msg_id` once (128 random bits,
 //!   hex) and retries with it across reconnects until `sent` or a final
 //!   error ([`SendError`]); the outbox is bounded
 //!   ([`SendError::OutboxFull`]).
-//! - Everything else comes out of [`Client::next_event`] as
-//!   [`ClientEvent`]s: events, `synced`, state changes, errors.
-//! - [`Rest`]: the HTTP API (conversations, members, messages, pages).
-//!
-//! Plain `ws://` only (no TLS): put a TLS-terminating proxy in front for
-//! `wss://`.
+//! - [`Client::conversation`]: one conversation's view (its events, send,
+//!   history in both directions, mark-read).
+//! - [`Rest`]: the HTTP API with typed answers (hyper-util, keep-alive).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use tether_client::{Client, ClientEvent, ClientOptions};
-//! let mut client = Client::connect(ClientOptions::new("ws://127.0.0.1:8080/v1/ws", "TOKEN"));
-//! let sent = client.send(42, "hello").await?;
-//! println!("stored as seq {}", sent.seq);
+//! let mut client = Client::connect(ClientOptions::new("http://127.0.0.1:8080", "TOKEN"));
+//! // Sending from another task: the loop below keeps reading meanwhile.
+//! let handle = client.handle();
+//! tokio::spawn(async move {
+//!     match handle.send(42, "hello").await {
+//!         Ok(sent) => println!("stored as seq {}", sent.seq),
+//!         Err(e) => eprintln!("not stored: {e}"),
+//!     }
+//! });
 //! while let Some(ev) = client.next_event().await {
 //!     if let ClientEvent::Event(e) = ev {
 //!         println!("{}#{} {}: {:?}", e.conversation_id, e.seq, e.sender, e.body);
@@ -40,21 +53,24 @@
 
 mod backoff;
 mod conn;
+mod conversation;
 mod outbox;
 pub mod rest;
 pub mod tracker;
+pub mod transport;
 
 pub use backoff::{random_id, Backoff, Rng};
-pub use rest::{Rest, RestError};
+pub use conversation::Conversation;
+pub use rest::{Page, Rest, RestError};
+pub use tether_protocol::frames::Event;
 
 use futures_util::future::BoxFuture;
-use serde::Deserialize;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Boxed error of a token callback.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -64,7 +80,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum TokenSource {
     /// The same token every time.
     Fixed(String),
-    /// Called before each (re)connect, and once more after an
+    /// Called when there is no token yet, when the last one expires within
+    /// [`ClientOptions::token_refresh_margin`], and once more after an
     /// authentication failure before giving up.
     Fetch(Arc<dyn Fn() -> BoxFuture<'static, Result<String, BoxError>> + Send + Sync>),
 }
@@ -119,9 +136,12 @@ impl std::fmt::Debug for TokenSource {
 /// How a [`Client`] behaves. [`ClientOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// `ws://host:port/v1/ws`.
+    /// The gateway: `http://host:port` (or `https://`, `ws://`, `wss://`;
+    /// `/v1/ws` is appended unless there).
     pub url: String,
     pub token: TokenSource,
+    /// A fetched token is reused until this long before its `exp`.
+    pub token_refresh_margin: Duration,
     pub backoff: Backoff,
     /// Sends not yet answered; beyond it [`SendError::OutboxFull`].
     pub outbox_limit: usize,
@@ -132,11 +152,11 @@ pub struct ClientOptions {
     pub ack_every: usize,
     /// ...or when the oldest unacknowledged one is this old.
     pub ack_interval: Duration,
-    /// Acknowledge every event once it is handed to the application
+    /// Acknowledge every event once [`Client::next_event`] returned it
     /// (otherwise only what [`Client::ack`] says).
     pub auto_ack: bool,
-    /// Capacity of the event channel; a full channel stops reading the
-    /// socket (the server then closes with 1013 and replays later).
+    /// Events the channel holds; beyond it events wait on the server (the
+    /// client reconnects once the application has read half of them).
     pub event_capacity: usize,
     /// TCP connect plus WebSocket handshake.
     pub connect_timeout: Duration,
@@ -150,6 +170,9 @@ pub struct ClientOptions {
     pub max_frame_bytes: usize,
     /// WebSocket read buffer (small keeps many idle clients cheap).
     pub read_buffer: usize,
+    /// TLS settings for `wss://` (default: the webpki roots).
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ClientOptions {
@@ -157,6 +180,7 @@ impl ClientOptions {
         ClientOptions {
             url: url.into(),
             token: token.into(),
+            token_refresh_margin: Duration::from_secs(30),
             backoff: Backoff::default(),
             outbox_limit: 1000,
             max_inflight_sends: 128,
@@ -169,32 +193,10 @@ impl ClientOptions {
             bind: None,
             max_frame_bytes: 256 * 1024,
             read_buffer: 8 * 1024,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
-}
-
-/// One event of a conversation's log, as the server sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct EventFrame {
-    pub conversation_id: i64,
-    pub seq: i64,
-    /// `message.created`, `member.joined`, `member.left`,
-    /// `conversation.created`.
-    pub event: String,
-    pub sender: String,
-    #[serde(default)]
-    pub created_at: String,
-    #[serde(default)]
-    pub body: Option<String>,
-    #[serde(default)]
-    pub client_msg_id: Option<String>,
-    /// member.joined / member.left: who.
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub title: Option<String>,
-    #[serde(default)]
-    pub members: Option<Vec<String>>,
 }
 
 /// The connection's state, reported on every change.
@@ -210,13 +212,14 @@ pub enum ConnState {
         delay: Duration,
         attempt: u32,
     },
-    /// For good: [`Client::close`], or authentication failed twice.
+    /// For good: [`Client::close`], authentication failed twice, or a
+    /// configuration error.
     Closed,
 }
 
 /// Something the application should know about, none of which stops the
-/// client (except [`ClientError::Unauthorized`], which comes with
-/// [`ConnState::Closed`]).
+/// client (except [`ClientError::Unauthorized`] and
+/// [`ClientError::Config`], which come with [`ConnState::Closed`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientError {
     /// Events `expected..got` of a conversation never arrived. `got` was
@@ -236,6 +239,13 @@ pub enum ClientError {
     Token(String),
     /// The server refused the token twice: the client gave up.
     Unauthorized(String),
+    /// The configuration cannot work (a bad URL scheme, a handshake refused
+    /// with 4xx other than 401/429): the client gave up at once.
+    Config(String),
+    /// The event channel was full: the rest of this connection's events
+    /// were left on the server, to be replayed once the application has
+    /// read the channel down to half.
+    Overflow { capacity: usize },
 }
 
 impl std::fmt::Display for ClientError {
@@ -256,12 +266,17 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::Token(e) => write!(f, "token callback failed: {e}"),
             ClientError::Unauthorized(e) => write!(f, "unauthorized: {e}"),
+            ClientError::Config(e) => write!(f, "configuration error: {e}"),
+            ClientError::Overflow { capacity } => write!(
+                f,
+                "the event channel ({capacity}) is full: events wait on the server until it drains"
+            ),
         }
     }
 }
 
 /// What [`Client::next_event`] yields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
     /// The server's `hello` on each connection.
     Hello {
@@ -269,7 +284,7 @@ pub enum ClientEvent {
         worker: String,
     },
     /// A new event (duplicates are never surfaced).
-    Event(EventFrame),
+    Event(Event),
     /// The backlog of this connection is delivered.
     Synced,
     State(ConnState),
@@ -350,7 +365,36 @@ pub(crate) enum Cmd {
         conversation_id: i64,
         seq: i64,
     },
+    /// Skip the backoff wait now under way (if any).
+    ReconnectNow,
+    /// The caller dropped a send's future: forget the send.
+    Cancel {
+        id: String,
+    },
     Close,
+}
+
+/// Cancels a send whose future is dropped before its answer (a timeout, a
+/// `select!` that went the other way): it leaves the outbox. It may have
+/// been stored already; a retry with the same id tells.
+struct CancelOnDrop {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    id: Option<String>,
+}
+
+impl CancelOnDrop {
+    /// The send was answered (or never queued): nothing to cancel.
+    fn disarm(&mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.cmd.send(Cmd::Cancel { id });
+        }
+    }
 }
 
 /// The cloneable sending half of a [`Client`].
@@ -364,7 +408,9 @@ pub struct ClientHandle {
 
 impl ClientHandle {
     /// Sends `body` to a conversation with a fresh `client_msg_id`; resolves
-    /// once the server has committed it (or with a final error).
+    /// once the server has committed it (or with a final error). Dropping
+    /// the future (e.g. `tokio::time::timeout`) cancels the send: it leaves
+    /// the outbox (it may have been stored already).
     pub fn send(
         &self,
         conversation_id: i64,
@@ -382,6 +428,11 @@ impl ClientHandle {
         client_msg_id: impl Into<String>,
     ) -> impl Future<Output = Result<Sent, SendError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
+        let client_msg_id: String = client_msg_id.into();
+        let mut guard = CancelOnDrop {
+            cmd: self.cmd.clone(),
+            id: Some(client_msg_id.clone()),
+        };
         let admitted = self
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -394,7 +445,7 @@ impl ClientHandle {
             })
         } else {
             let cmd = Cmd::Send {
-                id: client_msg_id.into(),
+                id: client_msg_id,
                 conversation_id,
                 body: body.into(),
                 reply: tx,
@@ -409,9 +460,12 @@ impl ClientHandle {
         };
         async move {
             if let Some(e) = early {
+                guard.disarm();
                 return Err(e);
             }
-            rx.await.unwrap_or(Err(SendError::Closed))
+            let result = rx.await.unwrap_or(Err(SendError::Closed));
+            guard.disarm();
+            result
         }
     }
 
@@ -424,10 +478,16 @@ impl ClientHandle {
         });
     }
 
-    /// Closes the connection (1000) and stops reconnecting; unanswered
-    /// sends fail with [`SendError::Closed`].
+    /// Closes the connection (1000, after writing the acks due) and stops
+    /// reconnecting; unanswered sends fail with [`SendError::Closed`].
     pub fn close(&self) {
         let _ = self.cmd.send(Cmd::Close);
+    }
+
+    /// Ends a backoff wait under way and connects now (e.g. when the
+    /// network is known to be back).
+    pub fn reconnect_now(&self) {
+        let _ = self.cmd.send(Cmd::ReconnectNow);
     }
 
     /// Sends not yet answered.
@@ -440,11 +500,41 @@ impl ClientHandle {
     }
 }
 
+/// Extra room in the channel for state changes and errors, which never
+/// wait: events may fill `event_capacity`, these the rest.
+pub(crate) const CONTROL_ROOM: usize = 64;
+
+/// The receiving half of a [`Client`]: [`Events::recv`] is
+/// [`Client::next_event`], acks included.
+pub struct Events {
+    rx: mpsc::Receiver<ClientEvent>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    auto_ack: bool,
+    /// Wakes the socket task waiting for the channel to drain.
+    room: Arc<Notify>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed and everything was
+    /// read. With `auto_ack`, an event returned here counts as consumed.
+    pub async fn recv(&mut self) -> Option<ClientEvent> {
+        let ev = self.rx.recv().await;
+        self.room.notify_one();
+        if let (true, Some(ClientEvent::Event(e))) = (self.auto_ack, &ev) {
+            let _ = self.cmd.send(Cmd::Ack {
+                conversation_id: e.conversation_id,
+                seq: e.seq,
+            });
+        }
+        ev
+    }
+}
+
 /// A connection to tether that survives reconnects. Must be created inside
 /// a tokio runtime. Dropping it (and every [`ClientHandle`]) closes it.
 pub struct Client {
     handle: ClientHandle,
-    events: mpsc::Receiver<ClientEvent>,
+    events: Events,
 }
 
 impl Client {
@@ -452,26 +542,36 @@ impl Client {
     /// `State(Connecting)`.
     pub fn connect(options: ClientOptions) -> Client {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (ev_tx, ev_rx) = mpsc::channel(options.event_capacity.max(1));
+        let (ev_tx, ev_rx) = mpsc::channel(options.event_capacity.max(1) + CONTROL_ROOM);
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Stats::default());
+        let room = Arc::new(Notify::new());
         let handle = ClientHandle {
-            cmd: cmd_tx,
+            cmd: cmd_tx.clone(),
             pending: pending.clone(),
             outbox_limit: options.outbox_limit,
             stats: stats.clone(),
         };
-        tokio::spawn(conn::Task::new(options, cmd_rx, ev_tx, pending, stats).run());
-        Client {
-            handle,
-            events: ev_rx,
-        }
+        let events = Events {
+            rx: ev_rx,
+            cmd: cmd_tx,
+            auto_ack: options.auto_ack,
+            room: room.clone(),
+        };
+        tokio::spawn(conn::Task::new(options, cmd_rx, ev_tx, pending, stats, room).run());
+        Client { handle, events }
     }
 
     /// The next event; `None` once the client is closed and everything was
-    /// read.
+    /// read. With `auto_ack`, an event returned here counts as consumed and
+    /// is acknowledged (coalesced; [`Client::close`] flushes).
     pub async fn next_event(&mut self) -> Option<ClientEvent> {
         self.events.recv().await
+    }
+
+    /// One conversation's view over this client.
+    pub fn conversation(&self, conversation_id: i64, rest: Rest) -> Conversation {
+        Conversation::new(conversation_id, self.handle.clone(), rest)
     }
 
     /// A cloneable handle for sending from other tasks.
@@ -479,8 +579,9 @@ impl Client {
         self.handle.clone()
     }
 
-    /// The handle and the raw event receiver.
-    pub fn into_parts(self) -> (ClientHandle, mpsc::Receiver<ClientEvent>) {
+    /// The handle and the receiving half (which acks as
+    /// [`Client::next_event`] does).
+    pub fn into_parts(self) -> (ClientHandle, Events) {
         (self.handle, self.events)
     }
 
@@ -514,6 +615,11 @@ impl Client {
         self.handle.close()
     }
 
+    /// See [`ClientHandle::reconnect_now`].
+    pub fn reconnect_now(&self) {
+        self.handle.reconnect_now()
+    }
+
     pub fn stats(&self) -> &Arc<Stats> {
         &self.handle.stats
     }
@@ -521,11 +627,11 @@ impl Client {
     /// Waits for the next [`ClientEvent::Synced`], returning the events
     /// delivered meanwhile (other client events are dropped). `None` on
     /// timeout or when the client closed.
-    pub async fn wait_synced(&mut self, timeout: Duration) -> Option<Vec<EventFrame>> {
+    pub async fn wait_synced(&mut self, timeout: Duration) -> Option<Vec<Event>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut out = Vec::new();
         loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            match tokio::time::timeout_at(deadline, self.next_event()).await {
                 Ok(Some(ClientEvent::Synced)) => return Some(out),
                 Ok(Some(ClientEvent::Event(e))) => out.push(e),
                 Ok(Some(_)) => {}

@@ -17,11 +17,12 @@ pub(crate) struct Pending {
     pub written_on: u64,
 }
 
-/// Error codes after which a send is retried (same `client_msg_id`).
+/// Error codes after which a send is retried (same `client_msg_id`); the
+/// rest are final (`internal` too, as in the JS SDK: docs/SDK.md).
 pub(crate) fn retryable(code: &str) -> bool {
     matches!(
         code,
-        "database_unavailable" | "rate_limited" | "not_synced" | "internal" | "draining"
+        "database_unavailable" | "rate_limited" | "not_synced" | "draining"
     )
 }
 

@@ -1,16 +1,68 @@
-//! The HTTP API over a minimal HTTP/1.1 client (one connection per
-//! request, `Connection: close`; plain `http://` only).
+//! The HTTP API with typed answers, over one HTTP client: hyper 1 and
+//! hyper-util's pooled client (keep-alive; `https://` with the `tls`
+//! feature, through rustls). Path segments and query values are
+//! percent-encoded here, never by the caller.
 
-use crate::EventFrame;
+use crate::transport::{self, Endpoints};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as Pool;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tether_protocol::frames::Event;
+
+/// What stays unencoded in a path segment or a query value (RFC 3986
+/// unreserved characters).
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `s` percent-encoded as one path segment or query value.
+pub fn encode(s: &str) -> String {
+    utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+fn connector() -> Connector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    {
+        http.enforce_http(false);
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*transport::tls_config()).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http)
+    }
+    #[cfg(not(feature = "tls"))]
+    http
+}
 
 /// A failed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestError {
-    /// Connecting, writing, reading or parsing failed.
+    /// The base URL cannot work (scheme, host, or `https://` without the
+    /// `tls` feature).
+    Config(String),
+    /// No connection: `kind` is the socket's error (`ConnectionRefused`...).
+    Connect {
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+    /// Writing, reading or parsing failed (or the request timed out).
     Io(String),
     /// The server answered with an error status and `{"error","message"}`.
     Http {
@@ -25,6 +77,8 @@ pub enum RestError {
 impl std::fmt::Display for RestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            RestError::Config(e) => write!(f, "bad configuration: {e}"),
+            RestError::Connect { message, .. } => write!(f, "could not connect: {message}"),
             RestError::Io(e) => write!(f, "HTTP request failed: {e}"),
             RestError::Http {
                 status,
@@ -48,8 +102,13 @@ pub struct Response {
 
 impl Response {
     pub fn json(&self) -> Result<Value, RestError> {
+        self.parse()
+    }
+
+    /// The body as `T`.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, RestError> {
         serde_json::from_str(&self.body)
-            .map_err(|e| RestError::Io(format!("response is not JSON ({e}): {:.200}", self.body)))
+            .map_err(|e| RestError::Io(format!("unexpected response ({e}): {:.200}", self.body)))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -78,114 +137,297 @@ impl Response {
     }
 }
 
-/// A page of a conversation's events (newest first with `before_seq`).
-#[derive(Debug, Clone)]
-pub struct EventsPage {
-    pub events: Vec<EventFrame>,
-    /// Pass as `before_seq` for the next (older) page.
-    pub next_before_seq: Option<i64>,
+/// `POST /v1/conversations`: the new conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Conversation {
+    pub id: i64,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// The seq of its `conversation.created` (1).
+    #[serde(default)]
+    pub seq: i64,
+    /// `since_join` or `shared`.
+    #[serde(default)]
+    pub history: String,
 }
 
-/// The REST API of one user.
-#[derive(Debug, Clone)]
+/// One row of `GET /v1/conversations`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ConversationRow {
+    pub id: i64,
+    #[serde(default)]
+    pub title: String,
+    pub last_seq: i64,
+    /// The highest seq this user acknowledged.
+    pub cursor: i64,
+    pub unread: i64,
+    /// `owner`, `admin` or `member`.
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub history: String,
+}
+
+/// A page of `GET /v1/conversations` (ordered by id).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ConversationsPage {
+    pub conversations: Vec<ConversationRow>,
+    /// Pass as `after` for the next page; `None` on the last.
+    pub next: Option<String>,
+}
+
+/// `POST /v1/conversations/{id}/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MemberAdded {
+    /// False when the user was a member already (nothing written).
+    pub added: bool,
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The seq of the `member.joined` (when added).
+    #[serde(default)]
+    pub seq: Option<i64>,
+}
+
+/// `PATCH /v1/conversations/{id}/members/{user}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RoleChanged {
+    pub role: String,
+    pub changed: bool,
+    #[serde(default)]
+    pub seq: Option<i64>,
+}
+
+/// `DELETE /v1/conversations/{id}/members/{user}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MemberRemoved {
+    pub removed: bool,
+    #[serde(default)]
+    pub seq: Option<i64>,
+    /// The successor, when the owner left.
+    #[serde(default)]
+    pub new_owner: Option<String>,
+}
+
+/// Which way to page through a conversation's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// Newest first, below `Some(seq)` (from the newest with `None`).
+    Before(Option<i64>),
+    /// Oldest first, above `seq` (`After(0)`: from the start).
+    After(i64),
+}
+
+/// A page of a conversation's events, in the order of its [`Page`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<Event>,
+    /// Backward paging: pass as `Page::Before(Some(_))` next; `None` at the
+    /// start of what this user may see.
+    #[serde(default)]
+    pub next_before_seq: Option<i64>,
+    /// Forward paging: pass as `Page::After(_)` next; `None` at the end.
+    #[serde(default)]
+    pub next_after_seq: Option<i64>,
+}
+
+/// The REST API of one user. Cheap to clone; clones share the connection
+/// pool.
+#[derive(Clone)]
 pub struct Rest {
-    /// `host:port`
-    authority: String,
+    /// `http[s]://host:port[/prefix]`, or why there is none.
+    base: Result<String, String>,
     token: String,
+    pool: Pool<Connector, Full<Bytes>>,
     pub timeout: Duration,
 }
 
+impl std::fmt::Debug for Rest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Rest").field("base", &self.base).finish()
+    }
+}
+
 impl Rest {
-    /// `base_url`: `http://host:port` (a path after it is ignored).
+    /// `base_url`: `http://host:port` (`https://` with the `tls` feature;
+    /// `ws[s]://` and a trailing `/v1/ws` are accepted too, so the
+    /// WebSocket URL works here). A bad URL makes every request fail with
+    /// [`RestError::Config`].
     pub fn new(base_url: &str, token: impl Into<String>) -> Rest {
-        let rest = base_url
-            .strip_prefix("http://")
-            .or_else(|| base_url.strip_prefix("ws://"))
-            .unwrap_or(base_url);
-        let authority = rest.split('/').next().unwrap_or(rest).to_string();
+        let base = transport::endpoints(base_url).map(|Endpoints { http, .. }| http);
         Rest {
-            authority,
+            base,
             token: token.into(),
+            pool: Pool::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector()),
             timeout: Duration::from_secs(30),
         }
     }
 
-    /// The same server as another user.
+    /// The same server (and connection pool) as another user.
     pub fn with_token(&self, token: impl Into<String>) -> Rest {
         Rest {
-            authority: self.authority.clone(),
             token: token.into(),
-            timeout: self.timeout,
+            ..self.clone()
         }
     }
 
-    /// `METHOD PATH` with the bearer token and an optional JSON body.
+    /// `METHOD PATH` with the bearer token (if not empty) and an optional
+    /// JSON body, whatever the status.
     pub async fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Response, RestError> {
-        let body = body.map(|b| b.to_string());
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer {}\r\n",
-            self.authority, self.token
-        );
-        match &body {
-            Some(b) => req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            )),
-            None if method == "GET" => req.push_str("\r\n"),
-            None => req.push_str("Content-Length: 0\r\n\r\n"),
-        }
-        let exchange = async {
-            let mut stream = TcpStream::connect(&self.authority).await?;
-            stream.write_all(req.as_bytes()).await?;
-            let mut buf = Vec::new();
-            stream.read_to_end(&mut buf).await?;
-            Ok::<_, std::io::Error>(buf)
-        };
-        let buf = match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => return Err(RestError::Io(format!("{method} {path}: timed out"))),
-            Ok(Err(e)) => return Err(RestError::Io(format!("{method} {path}: {e}"))),
-            Ok(Ok(b)) => b,
-        };
-        parse_response(&buf).map_err(|e| RestError::Io(format!("{method} {path}: {e}")))
+        let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
+        self.send(method, path, body).await
     }
 
-    async fn json(
+    /// The general form: any body bytes with their content type (e.g.
+    /// malformed JSON in a test).
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Response, RestError> {
+        let base = self
+            .base
+            .as_ref()
+            .map_err(|e| RestError::Config(e.clone()))?;
+        let what = || format!("{method} {path}");
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"));
+        if !self.token.is_empty() {
+            let mut auth = HeaderValue::from_str(&format!("Bearer {}", self.token))
+                .map_err(|_| RestError::Config("the token is not a valid header value".into()))?;
+            auth.set_sensitive(true);
+            req = req.header(AUTHORIZATION, auth);
+        }
+        let bytes = match body {
+            Some((ct, b)) => {
+                req = req.header(CONTENT_TYPE, ct);
+                Bytes::from(b)
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| RestError::Config(format!("{}: {e}", what())))?;
+        let exchange = async {
+            let resp = self.pool.request(req).await.map_err(|e| {
+                use std::error::Error;
+                let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+                let message = format!("{}: {e}{cause}", what());
+                if !e.is_connect() {
+                    return RestError::Io(message);
+                }
+                // The socket's own error, if it is in the chain.
+                let mut source = e.source();
+                let mut kind = std::io::ErrorKind::Other;
+                while let Some(s) = source {
+                    if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                        kind = io.kind();
+                        break;
+                    }
+                    source = s.source();
+                }
+                RestError::Connect { kind, message }
+            })?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                    (k.as_str().to_string(), v)
+                })
+                .collect();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| RestError::Io(format!("{}: {e}", what())))?
+                .to_bytes();
+            Ok::<_, RestError>(Response {
+                status,
+                headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(RestError::Io(format!("{}: timed out", what()))),
+            Ok(r) => r,
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<Value, RestError> {
-        self.request(method, path, body).await?.ok()?.json()
+    ) -> Result<T, RestError> {
+        self.request(method, path, body).await?.ok()?.parse()
     }
 
-    /// `POST /v1/conversations`: the new conversation's id.
+    /// `POST /v1/conversations` (`history`: `since_join`, the default).
     pub async fn create_conversation<S: AsRef<str>>(
         &self,
         members: &[S],
         title: &str,
-    ) -> Result<i64, RestError> {
-        let members: Vec<&str> = members.iter().map(AsRef::as_ref).collect();
-        let v = self
-            .json(
-                "POST",
-                "/v1/conversations",
-                Some(&json!({"members": members, "title": title})),
-            )
-            .await?;
-        v["id"]
-            .as_i64()
-            .ok_or_else(|| RestError::Io(format!("no id in {v}")))
+    ) -> Result<Conversation, RestError> {
+        self.create_conversation_with(members, title, None).await
     }
 
-    /// `POST /v1/conversations/{id}/members`.
-    pub async fn add_member(&self, conversation_id: i64, user: &str) -> Result<Value, RestError> {
+    /// `POST /v1/conversations` with a `history` (`since_join` or `shared`).
+    pub async fn create_conversation_with<S: AsRef<str>>(
+        &self,
+        members: &[S],
+        title: &str,
+        history: Option<&str>,
+    ) -> Result<Conversation, RestError> {
+        let members: Vec<&str> = members.iter().map(AsRef::as_ref).collect();
+        let mut body = json!({"members": members, "title": title});
+        if let Some(h) = history {
+            body["history"] = h.into();
+        }
+        self.call("POST", "/v1/conversations", Some(&body)).await
+    }
+
+    /// `POST /v1/conversations/{id}/members` (`role`: `member` by default,
+    /// or `admin`, which only the owner may give).
+    pub async fn add_member(
+        &self,
+        conversation_id: i64,
+        user: &str,
+        role: Option<&str>,
+    ) -> Result<MemberAdded, RestError> {
         let path = format!("/v1/conversations/{conversation_id}/members");
-        self.json("POST", &path, Some(&json!({"user": user}))).await
+        let mut body = json!({"user": user});
+        if let Some(r) = role {
+            body["role"] = r.into();
+        }
+        self.call("POST", &path, Some(&body)).await
+    }
+
+    /// `PATCH /v1/conversations/{id}/members/{user}` (owner only).
+    pub async fn set_role(
+        &self,
+        conversation_id: i64,
+        user: &str,
+        role: &str,
+    ) -> Result<RoleChanged, RestError> {
+        let path = format!(
+            "/v1/conversations/{conversation_id}/members/{}",
+            encode(user)
+        );
+        self.call("PATCH", &path, Some(&json!({"role": role})))
+            .await
     }
 
     /// `DELETE /v1/conversations/{id}/members/{user}`.
@@ -193,9 +435,12 @@ impl Rest {
         &self,
         conversation_id: i64,
         user: &str,
-    ) -> Result<Value, RestError> {
-        let path = format!("/v1/conversations/{conversation_id}/members/{user}");
-        self.json("DELETE", &path, None).await
+    ) -> Result<MemberRemoved, RestError> {
+        let path = format!(
+            "/v1/conversations/{conversation_id}/members/{}",
+            encode(user)
+        );
+        self.call("DELETE", &path, None).await
     }
 
     /// `POST /v1/conversations/{id}/messages`: the stored event, and whether
@@ -205,50 +450,54 @@ impl Rest {
         conversation_id: i64,
         body: &str,
         client_msg_id: Option<&str>,
-    ) -> Result<(EventFrame, bool), RestError> {
+    ) -> Result<(Event, bool), RestError> {
         let path = format!("/v1/conversations/{conversation_id}/messages");
         let mut req = json!({"body": body});
         if let Some(id) = client_msg_id {
             req["client_msg_id"] = id.into();
         }
         let r = self.request("POST", &path, Some(&req)).await?.ok()?;
-        let duplicate = r.status == 200;
-        let e: EventFrame = serde_json::from_str(&r.body)
-            .map_err(|e| RestError::Io(format!("bad event JSON ({e}): {:.200}", r.body)))?;
-        Ok((e, duplicate))
+        Ok((r.parse()?, r.status == 200))
     }
 
-    /// `GET /v1/conversations?after=&limit=`: `{"conversations":[...],"next":...}`.
+    /// `GET /v1/conversations?after=&limit=`.
     pub async fn list_conversations(
         &self,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Value, RestError> {
+    ) -> Result<ConversationsPage, RestError> {
         let mut path = format!("/v1/conversations?limit={limit}");
         if let Some(a) = after {
-            path.push_str(&format!("&after={a}"));
+            path.push_str(&format!("&after={}", encode(a)));
         }
-        self.json("GET", &path, None).await
+        self.call("GET", &path, None).await
     }
 
-    /// `GET /v1/conversations/{id}/events?before_seq=&limit=` (newest first).
+    /// `GET /v1/conversations/{id}/events`, in either direction.
+    pub async fn events(
+        &self,
+        conversation_id: i64,
+        page: Page,
+        limit: u32,
+    ) -> Result<EventsPage, RestError> {
+        let mut path = format!("/v1/conversations/{conversation_id}/events?limit={limit}");
+        match page {
+            Page::Before(Some(b)) => path.push_str(&format!("&before_seq={b}")),
+            Page::Before(None) => {}
+            Page::After(a) => path.push_str(&format!("&after_seq={a}")),
+        }
+        self.call("GET", &path, None).await
+    }
+
+    /// Backward paging (newest first): `events(id, Page::Before(before_seq), limit)`.
     pub async fn events_page(
         &self,
         conversation_id: i64,
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<EventsPage, RestError> {
-        let mut path = format!("/v1/conversations/{conversation_id}/events?limit={limit}");
-        if let Some(b) = before_seq {
-            path.push_str(&format!("&before_seq={b}"));
-        }
-        let v = self.json("GET", &path, None).await?;
-        let events: Vec<EventFrame> = serde_json::from_value(v["events"].clone())
-            .map_err(|e| RestError::Io(format!("bad events page ({e})")))?;
-        Ok(EventsPage {
-            events,
-            next_before_seq: v["next_before_seq"].as_i64(),
-        })
+        self.events(conversation_id, Page::Before(before_seq), limit)
+            .await
     }
 
     /// `GET path` without caring about the status (e.g. `/ready`, `/health`).
@@ -257,97 +506,27 @@ impl Rest {
     }
 }
 
-/// Parses a complete response (the connection was read to its end).
-fn parse_response(buf: &[u8]) -> Result<Response, String> {
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("connection closed before the response head")?;
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "non-UTF-8 response head")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let rest = &buf[head_end + 4..];
-    let body =
-        if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-            dechunk(rest)?
-        } else if let Some(len) = find("content-length") {
-            let len: usize = len.parse().map_err(|_| "bad Content-Length")?;
-            if rest.len() < len {
-                return Err("connection closed mid-body".into());
-            }
-            rest[..len].to_vec()
-        } else {
-            rest.to_vec()
-        };
-    Ok(Response {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk")?;
-        let line = std::str::from_utf8(&rest[..end]).map_err(|_| "bad chunk line")?;
-        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| format!("bad chunk size {line:?}"))?;
-        rest = &rest[end + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        if rest.len() < size + 2 {
-            return Err("truncated chunk".into());
-        }
-        body.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_plain_and_chunked_responses() {
-        let r = parse_response(
-            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 8\r\n\r\n{\"id\":7}",
-        )
-        .unwrap();
-        assert_eq!(r.status, 201);
-        assert_eq!(r.json().unwrap()["id"], 7);
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(r.body, "abcde");
-        let e = parse_response(
-            b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 2\r\ncontent-length: 46\r\n\r\n{\"error\":\"rate_limited\",\"message\":\"slow down\"}",
-        )
-        .unwrap()
-        .ok()
-        .unwrap_err();
+    fn components_are_percent_encoded() {
+        assert_eq!(encode("alice"), "alice");
+        assert_eq!(encode("a b/c?d#e%"), "a%20b%2Fc%3Fd%23e%25");
+        assert_eq!(encode("x.y_z-1~"), "x.y_z-1~");
+        assert_eq!(encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn error_bodies_become_typed_errors() {
+        let r = Response {
+            status: 429,
+            headers: vec![("retry-after".into(), "2".into())],
+            body: r#"{"error":"rate_limited","message":"slow down"}"#.into(),
+        };
         assert_eq!(
-            e,
+            r.ok().unwrap_err(),
             RestError::Http {
                 status: 429,
                 code: "rate_limited".into(),
@@ -355,16 +534,11 @@ mod tests {
                 retry_after: Some(2)
             }
         );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
     }
 
-    #[test]
-    fn base_url_forms() {
-        assert_eq!(
-            Rest::new("http://127.0.0.1:8080", "t").authority,
-            "127.0.0.1:8080"
-        );
-        assert_eq!(Rest::new("http://h:1/x/y", "t").authority, "h:1");
-        assert_eq!(Rest::new("h:2", "t").authority, "h:2");
+    #[tokio::test]
+    async fn a_bad_base_url_fails_every_request_at_once() {
+        let r = Rest::new("ftp://h:1", "t");
+        assert!(matches!(r.get("/ready").await, Err(RestError::Config(_))));
     }
 }

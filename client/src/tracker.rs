@@ -1,7 +1,8 @@
 //! Per-conversation bookkeeping, free of I/O so it can be tested alone:
-//! the highest seq seen (duplicates dropped, gaps reported) and coalesced
-//! acks (every N events or after a delay, at most one in flight per
-//! conversation).
+//! the highest seq delivered (duplicates dropped, gaps reported) and
+//! coalesced acks of what the application consumed (every N events or
+//! after a delay, at most one in flight per conversation, never above what
+//! the current connection delivered: the server refuses that).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -24,6 +25,9 @@ struct Conv {
     last: i64,
     /// Highest seq the application wants acknowledged (≤ `last`).
     want: i64,
+    /// Highest seq the server sent on the current connection (duplicates
+    /// included): an ack may not go above it.
+    conn_high: i64,
     /// Highest seq acknowledged on the current connection.
     sent: i64,
     /// Events counted toward `ack_every` since the last ack.
@@ -67,18 +71,12 @@ impl Tracker {
     }
 
     /// Classifies an incoming event and, unless it is a duplicate, makes it
-    /// the highest seen. With `auto_ack`, a delivered event becomes due for
-    /// acknowledgment; a duplicate re-arms an ack the server evidently did
-    /// not record (it replayed what was already acknowledged).
-    pub fn observe(
-        &mut self,
-        conversation_id: i64,
-        seq: i64,
-        auto_ack: bool,
-        now: Instant,
-    ) -> Seen {
+    /// the highest delivered. A duplicate re-arms an ack the server
+    /// evidently did not record (it replayed what was already acknowledged).
+    pub fn observe(&mut self, conversation_id: i64, seq: i64, now: Instant) -> Seen {
         let known = self.convs.contains_key(&conversation_id);
         let c = self.convs.entry(conversation_id).or_default();
+        c.conn_high = c.conn_high.max(seq);
         if known && seq <= c.last {
             if c.want > c.sent && c.since.is_none() {
                 c.since = Some(now);
@@ -94,13 +92,20 @@ impl Tracker {
             Seen::New
         };
         c.last = seq;
-        if auto_ack {
-            c.want = seq;
-            c.pending += 1;
-            c.since.get_or_insert(now);
+        if c.want > c.sent && c.since.is_none() {
+            c.since = Some(now);
             self.dirty.insert(conversation_id);
         }
         seen
+    }
+
+    /// The server sent `seq` on this connection but it was not delivered
+    /// (the application's channel was full): it counts toward what may be
+    /// acknowledged, nothing else.
+    pub fn sent_by_server(&mut self, conversation_id: i64, seq: i64) {
+        if let Some(c) = self.convs.get_mut(&conversation_id) {
+            c.conn_high = c.conn_high.max(seq);
+        }
     }
 
     /// The application acknowledges up to `seq` (clamped to what it was
@@ -125,6 +130,7 @@ impl Tracker {
     pub fn reconnected(&mut self) {
         for (id, c) in self.convs.iter_mut() {
             c.sent = 0;
+            c.conn_high = 0;
             c.in_flight = false;
             if c.since.is_some() {
                 self.dirty.insert(*id);
@@ -148,14 +154,17 @@ impl Tracker {
             let Some(since) = c.since else {
                 return false;
             };
-            if c.want <= c.sent {
+            let ackable = c.want.min(c.conn_high);
+            if ackable <= c.sent {
+                // Done, or waiting for this connection to deliver that far
+                // (an event re-arms it).
                 c.since = None;
                 c.pending = 0;
                 return false;
             }
             if c.pending >= policy.every || now.duration_since(since) >= policy.interval {
-                out.push((*id, c.want));
-                c.sent = c.want;
+                out.push((*id, ackable));
+                c.sent = ackable;
                 c.pending = 0;
                 c.since = None;
                 c.in_flight = true;
@@ -163,6 +172,23 @@ impl Tracker {
             }
             true
         });
+        out
+    }
+
+    /// Every ack wanted and not written, whatever the policy and the acks
+    /// in flight (the connection is about to close).
+    pub fn take_all(&mut self) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for (id, c) in self.convs.iter_mut() {
+            let ackable = c.want.min(c.conn_high);
+            if ackable > c.sent {
+                out.push((*id, ackable));
+                c.sent = ackable;
+                c.pending = 0;
+                c.since = None;
+            }
+        }
+        self.dirty.clear();
         out
     }
 
@@ -201,23 +227,32 @@ mod tests {
         })
     }
 
+    /// An event delivered and consumed by the application at once.
+    fn consume(t: &mut Tracker, conversation_id: i64, seq: i64, now: Instant) -> Seen {
+        let seen = t.observe(conversation_id, seq, now);
+        if seen != Seen::Duplicate {
+            t.ack(conversation_id, seq, now);
+        }
+        seen
+    }
+
     #[test]
     fn drops_duplicates_and_reports_gaps() {
         let mut t = tracker(1000);
         let now = Instant::now();
         // The first event of a conversation sets the baseline (the server
         // starts after our cursor, which we do not know).
-        assert_eq!(t.observe(1, 5, true, now), Seen::New);
-        assert_eq!(t.observe(1, 6, true, now), Seen::New);
-        assert_eq!(t.observe(1, 6, true, now), Seen::Duplicate);
-        assert_eq!(t.observe(1, 3, true, now), Seen::Duplicate);
-        assert_eq!(t.observe(1, 9, true, now), Seen::Gap { expected: 7 });
+        assert_eq!(consume(&mut t, 1, 5, now), Seen::New);
+        assert_eq!(consume(&mut t, 1, 6, now), Seen::New);
+        assert_eq!(consume(&mut t, 1, 6, now), Seen::Duplicate);
+        assert_eq!(consume(&mut t, 1, 3, now), Seen::Duplicate);
+        assert_eq!(consume(&mut t, 1, 9, now), Seen::Gap { expected: 7 });
         assert_eq!(t.last(1), 9);
-        assert_eq!(t.observe(1, 8, true, now), Seen::Duplicate);
-        assert_eq!(t.observe(1, 10, true, now), Seen::New);
+        assert_eq!(consume(&mut t, 1, 8, now), Seen::Duplicate);
+        assert_eq!(consume(&mut t, 1, 10, now), Seen::New);
         // Conversations are independent.
-        assert_eq!(t.observe(2, 1, true, now), Seen::New);
-        assert_eq!(t.observe(2, 3, true, now), Seen::Gap { expected: 2 });
+        assert_eq!(consume(&mut t, 2, 1, now), Seen::New);
+        assert_eq!(consume(&mut t, 2, 3, now), Seen::Gap { expected: 2 });
         assert_eq!(t.last(1), 10);
         assert_eq!(t.last(3), 0);
     }
@@ -226,15 +261,15 @@ mod tests {
     fn acks_coalesce_by_count_and_by_time() {
         let mut t = tracker(3);
         let t0 = Instant::now();
-        t.observe(1, 1, true, t0);
-        t.observe(1, 2, true, t0);
+        consume(&mut t, 1, 1, t0);
+        consume(&mut t, 1, 2, t0);
         assert!(t.take_due(t0).is_empty(), "2 < every and not old yet");
         assert_eq!(t.next_deadline(), Some(t0 + Duration::from_millis(100)));
-        t.observe(1, 3, true, t0);
+        consume(&mut t, 1, 3, t0);
         assert_eq!(t.take_due(t0), vec![(1, 3)], "every=3 reached");
         t.flushed();
         assert_eq!(t.next_deadline(), None);
-        t.observe(1, 4, true, t0);
+        consume(&mut t, 1, 4, t0);
         assert!(t.take_due(t0 + Duration::from_millis(50)).is_empty());
         assert_eq!(t.take_due(t0 + Duration::from_millis(100)), vec![(1, 4)]);
         t.flushed();
@@ -245,14 +280,14 @@ mod tests {
     fn at_most_one_ack_in_flight_per_conversation() {
         let mut t = tracker(1);
         let t0 = Instant::now();
-        t.observe(1, 1, true, t0);
-        t.observe(2, 1, true, t0);
+        consume(&mut t, 1, 1, t0);
+        consume(&mut t, 2, 1, t0);
         let mut due = t.take_due(t0);
         due.sort();
         assert_eq!(due, vec![(1, 1), (2, 1)]);
         // More events while the acks are in flight: held back...
-        t.observe(1, 2, true, t0);
-        t.observe(1, 3, true, t0);
+        consume(&mut t, 1, 2, t0);
+        consume(&mut t, 1, 3, t0);
         assert!(t.take_due(t0 + Duration::from_secs(1)).is_empty());
         t.flushed();
         // ...then coalesced into one.
@@ -264,8 +299,8 @@ mod tests {
         let mut t = tracker(1);
         let t0 = Instant::now();
         assert!(!t.ack(1, 5, t0), "nothing delivered yet");
-        t.observe(1, 1, false, t0);
-        t.observe(1, 2, false, t0);
+        t.observe(1, 1, t0);
+        t.observe(1, 2, t0);
         assert!(
             t.take_due(t0).is_empty(),
             "manual mode: nothing until ack()"
@@ -282,25 +317,68 @@ mod tests {
     }
 
     #[test]
+    fn acks_follow_consumption_not_delivery() {
+        let mut t = tracker(1);
+        let t0 = Instant::now();
+        for seq in 1..=300 {
+            t.observe(1, seq, t0);
+        }
+        assert!(
+            t.take_due(t0 + Duration::from_secs(1)).is_empty(),
+            "nothing consumed"
+        );
+        t.ack(1, 100, t0);
+        assert_eq!(t.take_due(t0), vec![(1, 100)]);
+    }
+
+    #[test]
+    fn never_acks_above_what_this_connection_delivered() {
+        let mut t = tracker(1);
+        let t0 = Instant::now();
+        for seq in 1..=10 {
+            t.observe(1, seq, t0);
+        }
+        // The connection dies; the application consumes all ten meanwhile.
+        t.reconnected();
+        t.ack(1, 10, t0);
+        let later = t0 + Duration::from_secs(1);
+        assert!(
+            t.take_due(later).is_empty(),
+            "nothing delivered on this connection yet"
+        );
+        // The server replays from its cursor (5): duplicates up to 7 so far.
+        for seq in 6..=7 {
+            assert_eq!(t.observe(1, seq, t0), Seen::Duplicate);
+        }
+        assert_eq!(t.take_due(later), vec![(1, 7)]);
+        t.flushed();
+        t.sent_by_server(1, 10);
+        t.observe(1, 10, t0);
+        assert_eq!(t.take_all(), vec![(1, 10)]);
+    }
+
+    #[test]
     fn reconnect_re_acks_what_the_server_replays() {
         let mut t = tracker(1);
         let t0 = Instant::now();
-        t.observe(1, 1, true, t0);
-        t.observe(1, 2, true, t0);
+        consume(&mut t, 1, 1, t0);
+        consume(&mut t, 1, 2, t0);
         assert_eq!(t.take_due(t0), vec![(1, 2)]);
         t.flushed();
         // The connection dies; the ack was lost; the server replays 1..2.
         t.reconnected();
         assert!(t.take_due(t0).is_empty(), "no spontaneous re-ack");
-        assert_eq!(t.observe(1, 1, true, t0), Seen::Duplicate);
-        assert_eq!(t.observe(1, 2, true, t0), Seen::Duplicate);
+        assert_eq!(consume(&mut t, 1, 1, t0), Seen::Duplicate);
+        assert_eq!(consume(&mut t, 1, 2, t0), Seen::Duplicate);
         let later = t0 + Duration::from_millis(100);
         assert_eq!(t.take_due(later), vec![(1, 2)]);
         t.flushed();
         // An ack not yet written when the connection died is written on the
-        // next one.
-        t.observe(1, 3, true, t0);
+        // next one, once that connection delivered that far.
+        consume(&mut t, 1, 3, t0);
         t.reconnected();
+        assert!(t.take_due(later).is_empty());
+        assert_eq!(t.observe(1, 3, t0), Seen::Duplicate);
         assert_eq!(t.take_due(later), vec![(1, 3)]);
     }
 }

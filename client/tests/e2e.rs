@@ -1,179 +1,14 @@
-//! The client against a real `tether-worker` and a throwaway PostgreSQL.
-//!
-//! Needs the worker binary: `cargo build --bin tether-worker` first (it is
-//! looked up next to this test's target directory, or at
-//! `$TETHER_WORKER_BIN`).
+//! The client against a real `tether-worker` and a throwaway PostgreSQL:
+//! two clients chat; a SIGKILLed worker loses no acknowledged message.
+//! (The SDK conformance scenarios are in conformance.rs.)
 
+mod common;
+
+use common::*;
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use tether_client::{Client, ClientEvent, ClientOptions, EventFrame, Rest, TokenSource};
-use tether_pgcluster::{PgCluster, PgOptions};
-use tether_protocol::auth::{self, Secret};
-
-const SECRET: &str = "tether-client-test-secret";
-const T: Duration = Duration::from_secs(60);
-
-fn token(user: &str) -> String {
-    auth::issue(&Secret::new(SECRET.as_bytes().to_vec()), user, 3600).unwrap()
-}
-
-/// A throwaway PostgreSQL with the schema (started on a plain thread: the
-/// `postgres` crate must not run on a tokio worker thread).
-fn start_db() -> PgCluster {
-    std::thread::spawn(|| {
-        let pg = PgCluster::start_temp(PgOptions {
-            fsync: false,
-            max_connections: 300,
-            port: None,
-        })
-        .expect("starting PostgreSQL");
-        let mut c = postgres_client(&pg.url());
-        tether_worker::store::apply_schema(&mut c).expect("applying the schema");
-        pg
-    })
-    .join()
-    .unwrap()
-}
-
-fn postgres_client(url: &str) -> postgres::Client {
-    url.parse::<postgres::Config>()
-        .unwrap()
-        .connect(postgres::NoTls)
-        .expect("connecting to PostgreSQL")
-}
-
-fn worker_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TETHER_WORKER_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/e2e-HASH → target/debug/tether-worker
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("tether-worker");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --bin tether-worker` first",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A worker process, SIGKILLed on drop.
-struct Worker {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Worker {
-    async fn start(db_url: &str, addr: SocketAddr, id: &str) -> Worker {
-        let log = std::env::temp_dir().join(format!("tether-client-test-{id}-{}.log", addr.port()));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(worker_bin())
-            .args(["--listen", &addr.to_string(), "--database-url", db_url])
-            .args(["--secret", SECRET, "--worker-id", id])
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawning tether-worker");
-        let mut w = Worker { child, addr };
-        let rest = Rest::new(&w.base_url(), "");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = rest.get("/ready").await {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            if let Ok(Some(status)) = w.child.try_wait() {
-                panic!(
-                    "worker exited ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "worker not ready in 30 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        w
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://{}/v1/ws", self.addr)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn options(url: &str, user: &str) -> ClientOptions {
-    let mut o = ClientOptions::new(url, token(user));
-    o.ack_every = 8;
-    o.ack_interval = Duration::from_millis(50);
-    o
-}
-
-/// Reads events until `want` message events of `conversation` arrived;
-/// panics on a gap or on anything out of order.
-async fn collect_messages(client: &mut Client, conversation: i64, want: usize) -> Vec<EventFrame> {
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + T;
-    while out.len() < want {
-        match tokio::time::timeout_at(deadline, client.next_event()).await {
-            Ok(Some(ClientEvent::Event(e))) => {
-                if e.conversation_id == conversation && e.event == "message.created" {
-                    if let Some(prev) = out.last() {
-                        let prev: &EventFrame = prev;
-                        assert!(
-                            e.seq > prev.seq,
-                            "out of order: {} after {}",
-                            e.seq,
-                            prev.seq
-                        );
-                    }
-                    out.push(e);
-                }
-            }
-            Ok(Some(ClientEvent::Error(tether_client::ClientError::Gap {
-                conversation_id,
-                expected,
-                got,
-            }))) => panic!("gap in {conversation_id}: expected {expected}, got {got}"),
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("client closed after {} messages", out.len()),
-            Err(_) => panic!("only {} of {want} messages within {T:?}", out.len()),
-        }
-    }
-    out
-}
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tether_client::{Client, ClientEvent, Rest, TokenSource};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_exchange_messages() {
@@ -188,7 +23,8 @@ async fn two_clients_exchange_messages() {
     let conv = alice_rest
         .create_conversation(&["bob"], "chat")
         .await
-        .unwrap();
+        .unwrap()
+        .id;
 
     let mut alice = Client::connect(options(&worker.ws_url(), "alice"));
     let mut bob = Client::connect(options(&worker.ws_url(), "bob"));
@@ -251,7 +87,11 @@ async fn sigkilled_worker_loses_no_acknowledged_message() {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let mut worker = Worker::start(&pg.url(), addr, "w1").await;
     let rest = Rest::new(&worker.base_url(), token("alice"));
-    let conv = rest.create_conversation(&["bob"], "crash").await.unwrap();
+    let conv = rest
+        .create_conversation(&["bob"], "crash")
+        .await
+        .unwrap()
+        .id;
 
     let alice = Client::connect(options(&worker.ws_url(), "alice"));
     // Bob gets a fresh token from a callback before every (re)connect.
@@ -342,7 +182,7 @@ async fn sigkilled_worker_loses_no_acknowledged_message() {
                 total += page
                     .events
                     .iter()
-                    .filter(|e| e.event == "message.created")
+                    .filter(|e| e.kind == "message.created")
                     .count();
                 match page.next_before_seq {
                     Some(b) => before = Some(b),

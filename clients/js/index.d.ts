@@ -49,15 +49,23 @@ export interface SendResult {
   seq: number;
   /** True when the server had already committed this client_msg_id (a retry). */
   duplicate: boolean;
+  conversation_id: number;
+  client_msg_id: string;
+  /** Alias of conversation_id. */
   conversationId: number;
+  /** Alias of client_msg_id. */
   clientMsgId: string;
 }
 
 export interface SendOptions {
-  /** Your own idempotency key (default: crypto.randomUUID()). */
+  /** Your own idempotency key (default: crypto.randomUUID()); reuse it to retry without a second event. */
   clientMsgId?: string;
-  /** Called synchronously with the client_msg_id once the send is queued. */
+  /** Called synchronously with the client_msg_id once the send is queued (optimistic UI). */
   onQueued?: (clientMsgId: string) => void;
+  /** Reject with `timeout` after this many ms (the send may still have been stored). */
+  timeoutMs?: number;
+  /** Reject with `aborted` when this signal aborts (the send may still have been stored). */
+  signal?: AbortSignal;
 }
 
 export interface TetherClientOptions {
@@ -65,21 +73,29 @@ export interface TetherClientOptions {
   url?: string;
   /** A fixed token (used for the first connection, and for all when there is no getToken). */
   token?: string;
-  /** Returns a token; called before every connection attempt, and once more after an authentication failure. */
+  /** Returns a token; asked when there is none, when it expires within tokenRefreshMarginMs, and once more after an authentication failure. */
   getToken?: () => string | Promise<string>;
   /** The WebSocket constructor (default globalThis.WebSocket; in Node 20 pass `WebSocket` from the "ws" package). */
   WebSocket?: any;
   /** fetch() for the REST helpers (default globalThis.fetch). */
   fetch?: typeof fetch;
-  /** First reconnect window in ms (full jitter: the delay is uniform in [0, min(cap, base * 2^attempt)]). Default 500. */
+  /** First reconnect window in ms (full jitter: the delay is uniform in [floor, min(cap, base * 2^attempt)]). Default 100. */
   backoffBaseMs?: number;
-  /** Largest reconnect window in ms. Default 30000. */
+  /** Largest reconnect window in ms. Default 5000. */
   backoffCapMs?: number;
-  /** Reconnect window after 1001 (draining) or 1013 (too slow). Default 250. */
+  /** Shortest reconnect delay in ms. Default 10. */
+  backoffFloorMs?: number;
+  /** Reconnect window after 1001 (draining) or 1013 (too slow). Default 100. */
   soonMs?: number;
-  /** A connection synced this long resets the backoff. Default 5000. */
+  /** A connection synced this long resets the backoff. Default 1000. */
   stableMs?: number;
-  /** Give up on a handshake (and the hello frame) after this. Default 15000. */
+  /** Ack an event once every listener returned (or its promise settled). false: only ack() acks. Default true. */
+  autoAck?: boolean;
+  /** Ask getToken() again when the token expires within this many ms. Default 30000. */
+  tokenRefreshMarginMs?: number;
+  /** At most one REST probe for a 401 per this many ms after failed handshakes (browsers). Default 30000. */
+  probeIntervalMs?: number;
+  /** Give up on a handshake (and the hello frame) after this. Default 10000. */
   connectTimeoutMs?: number;
   /** Ping when nothing was received for this long (0: never). Default 25000. */
   heartbeatMs?: number;
@@ -106,7 +122,9 @@ export interface TetherClientOptions {
  * `invalid_field`, `payload_too_large`, `rate_limited`,
  * `database_unavailable`, `unauthorized`, ...) and the client's own:
  * `gap` (an event skipped seqs: `conversationId`, `expected`, `got`),
- * `outbox_full`, `closed`, `token_error`, `network`.
+ * `outbox_full`, `closed`, `token_error`, `network`, `not_connected`,
+ * `timeout`, `aborted`, `connect_failed` (with `cause`), `config` (final:
+ * a handshake refused with a 4xx other than 401/429), `listener_failed`.
  */
 export class TetherError extends Error {
   constructor(code: string, message?: string, details?: Record<string, unknown>);
@@ -120,7 +138,13 @@ export class TetherError extends Error {
   /** Seconds, where the server said when to retry. */
   retryAfter?: number;
   closeCode?: number;
+  /** connect_failed: what the WebSocket said; listener_failed: the rejection. */
+  cause?: unknown;
+  seq?: number;
 }
+
+/** An event listener; with autoAck, a returned promise delays the ack until it settles. */
+export type Listener<T> = (value: T) => unknown;
 
 export interface TetherEventMap {
   event: TetherEvent;
@@ -137,6 +161,8 @@ export interface ConversationSummary {
   cursor: number;
   /** last_seq - cursor. */
   unread: number;
+  role: 'owner' | 'admin' | 'member';
+  history: 'since_join' | 'shared';
 }
 
 export interface ConversationsPage {
@@ -170,13 +196,19 @@ export class TetherClient {
 
   /** Starts connecting; reconnects until close(). */
   connect(): this;
-  /** Closes for good: pending sends reject with `closed`. */
+  /** Closes for good: flushes acks; pending sends reject with `closed`. */
   close(): void;
+  /** Connects at once if waiting out a backoff (browsers do it when online or visible again). */
+  reconnectNow(): void;
+  /** Acknowledges up to seq (with autoAck: false); clamped to what was delivered. */
+  ack(conversationId: number, seq: number): boolean;
+  /** One conversation's view. */
+  conversation(conversationId: number): Conversation;
   /** Resolves at the next `synced` (at once if synced); rejects if the client closes first. */
   whenSynced(): Promise<void>;
 
-  on<K extends keyof TetherEventMap>(name: K, fn: (value: TetherEventMap[K]) => void): () => void;
-  off<K extends keyof TetherEventMap>(name: K, fn: (value: TetherEventMap[K]) => void): void;
+  on<K extends keyof TetherEventMap>(name: K, fn: Listener<TetherEventMap[K]>): () => void;
+  off<K extends keyof TetherEventMap>(name: K, fn: Listener<TetherEventMap[K]>): void;
   once<K extends keyof TetherEventMap>(name: K): Promise<TetherEventMap[K]>;
 
   /** The highest seq seen in a conversation. */
@@ -191,20 +223,23 @@ export class TetherClient {
    */
   send(conversationId: number, body: string, options?: SendOptions): Promise<SendResult>;
 
-  createConversation(options?: { members?: string[]; title?: string }): Promise<{
+  createConversation(options?: { members?: string[]; title?: string; history?: 'since_join' | 'shared' }): Promise<{
     id: number;
     title: string;
     members: string[];
     seq: number;
+    history: 'since_join' | 'shared';
   }>;
   addMember(
     conversationId: number,
     user: string,
-  ): Promise<{ conversation_id: number; user: string; added: boolean; seq?: number }>;
+    options?: { role?: 'member' | 'admin' },
+  ): Promise<{ added: boolean; role?: string; seq?: number }>;
+  setRole(conversationId: number, user: string, role: 'member' | 'admin'): Promise<{ role: string; changed: boolean; seq?: number }>;
   removeMember(
     conversationId: number,
     user: string,
-  ): Promise<{ conversation_id: number; user: string; removed: boolean; seq: number | null }>;
+  ): Promise<{ removed: boolean; seq?: number; new_owner?: string | null }>;
   listConversations(options?: { after?: string | number; limit?: number }): Promise<ConversationsPage>;
   eventsPage(
     conversationId: number,
@@ -216,6 +251,24 @@ export class TetherClient {
     body: string,
     options?: { clientMsgId?: string; retries?: number },
   ): Promise<TetherEvent>;
+}
+
+/** One conversation over a client: its events, send, history, back-fill, mark-read. */
+export class Conversation {
+  constructor(client: TetherClient, conversationId: number);
+  readonly client: TetherClient;
+  readonly id: number;
+  readonly lastSeq: number | undefined;
+  on(name: 'message' | 'event', fn: Listener<TetherEvent>): () => void;
+  on(name: 'gap', fn: Listener<TetherError>): () => void;
+  /** Removes every listener added through this view. */
+  off(): void;
+  send(body: string, options?: SendOptions): Promise<SendResult>;
+  history(options?: { beforeSeq?: number; afterSeq?: number; limit?: number }): Promise<EventsPage>;
+  /** Every event in from..to, oldest first. */
+  backfill(from: number, to: number): Promise<TetherEvent[]>;
+  /** Marks read up to seq (the server's cursor). */
+  markRead(seq: number): boolean;
 }
 
 /** A random UUID v4 (crypto.randomUUID where available). */

@@ -122,6 +122,15 @@ pub fn issue_raw(secret: &Secret, user: &str, exp: u64) -> Result<String, AuthEr
     Ok(format!("{signing_input}.{sig}"))
 }
 
+/// The `exp` claim of a token, read without verifying it: what a client
+/// needs to decide when to fetch a new one (the server verifies).
+pub fn unverified_exp(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_u64()
+}
+
 /// Verifies `token` and returns its user id.
 pub fn verify(secret: &Secret, token: &str) -> Result<String, AuthError> {
     verify_at(secret, token, now_secs())
@@ -227,5 +236,13 @@ mod tests {
         assert!(verify(&secret, &big_exp).is_err());
         assert!(issue(&secret, "", 10).is_err());
         assert!(issue(&secret, &"x".repeat(65), 10).is_err());
+    }
+
+    #[test]
+    fn unverified_exp_reads_the_claim() {
+        let t = issue_raw(&Secret::new(b"k".to_vec()), "alice", 12345).unwrap();
+        assert_eq!(unverified_exp(&t), Some(12345));
+        assert_eq!(unverified_exp("not.a-token"), None);
+        assert_eq!(unverified_exp(""), None);
     }
 }

@@ -1,4 +1,6 @@
-//! The wire types of the contract: events, WebSocket frames, error bodies.
+//! The wire types of the contract: events, WebSocket frames (client frames
+//! parsed by the worker, server frames built by it and parsed by clients),
+//! error bodies.
 //!
 //! Server frames are built as JSON text once and shared (an event fanned
 //! out to a thousand sockets is serialized once). Client frames are parsed
@@ -220,6 +222,42 @@ pub fn validate_client_msg_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A frame from the server, as a client reads it (the builders in
+/// [`server`] write them). Unknown `type`s parse as
+/// [`ServerFrame::Unknown`]: newer servers may add frames.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Hello {
+        #[serde(default)]
+        user: String,
+        #[serde(default)]
+        worker: String,
+    },
+    Event(Event),
+    Synced,
+    Sent {
+        client_msg_id: String,
+        conversation_id: i64,
+        seq: i64,
+        #[serde(default)]
+        duplicate: bool,
+    },
+    Error {
+        code: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        client_msg_id: Option<String>,
+        /// Seconds.
+        #[serde(default)]
+        retry_after: Option<f64>,
+    },
+    Pong,
+    #[serde(other)]
+    Unknown,
+}
+
 /// Builders for the server's frames.
 pub mod server {
     use serde_json::json;
@@ -318,6 +356,55 @@ mod tests {
             ClientFrame::parse(empty_id).unwrap_err().code,
             "invalid_field"
         );
+    }
+
+    #[test]
+    fn server_frames_parse_as_the_builders_write_them() {
+        let e = Event {
+            conversation_id: 3,
+            seq: 7,
+            kind: EVENT_MESSAGE_CREATED.into(),
+            sender: "a".into(),
+            created_at: "t".into(),
+            body: Some("hi".into()),
+            client_msg_id: Some("m".into()),
+            user: None,
+            role: None,
+            title: None,
+            members: None,
+        };
+        let f: ServerFrame = serde_json::from_str(&e.to_frame()).unwrap();
+        assert_eq!(f, ServerFrame::Event(e));
+        let f: ServerFrame = serde_json::from_str(&server::sent("m", 3, 7, true)).unwrap();
+        assert!(matches!(
+            f,
+            ServerFrame::Sent {
+                seq: 7,
+                duplicate: true,
+                ..
+            }
+        ));
+        let f: ServerFrame =
+            serde_json::from_str(&server::error("rate_limited", "m", Some("x"), Some(2))).unwrap();
+        assert!(
+            matches!(f, ServerFrame::Error { retry_after: Some(r), client_msg_id: Some(_), .. } if (r - 2.0).abs() < 1e-9)
+        );
+        let f: ServerFrame = serde_json::from_str(&server::hello("u", "w1")).unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Hello {
+                user: "u".into(),
+                worker: "w1".into()
+            }
+        );
+        for (text, want) in [
+            (server::synced(), ServerFrame::Synced),
+            (server::pong(), ServerFrame::Pong),
+        ] {
+            assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), want);
+        }
+        let f: ServerFrame = serde_json::from_str(r#"{"type":"whatever","x":1}"#).unwrap();
+        assert_eq!(f, ServerFrame::Unknown);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The end-to-end test harness: a throwaway PostgreSQL ([`TestDb`]), the
 //! real binaries as child processes ([`Proc`], [`WorkerProc`],
-//! [`ClusterProc`]), a small HTTP/1.1 client ([`http`]), a WebSocket client
+//! [`ClusterProc`]), HTTP requests through the project's one HTTP client,
+//! `tether_client::Rest` ([`http`]; [`send_request`] alone writes raw
+//! bytes, for the hostile-input tests), a WebSocket client
 //! ([`WsClient`]), tokens ([`token`]) and condition waits ([`wait_until`]).
 //!
 //! Each test file includes it with `mod support;` (or
@@ -29,8 +31,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -830,6 +832,8 @@ pub async fn http_raw(
 }
 
 /// The general form: returns I/O errors (connection refused, timeout...).
+/// One request on a connection of its own (the client, and so its pool,
+/// lives for this call only).
 pub async fn try_http_raw(
     addr: SocketAddr,
     method: &str,
@@ -838,8 +842,35 @@ pub async fn try_http_raw(
     content_type: Option<&str>,
     body: Option<&[u8]>,
 ) -> io::Result<HttpResponse> {
-    let request = build_request(addr, method, path, token, content_type, body);
-    send_request(addr, &request).await
+    try_http_within(addr, method, path, token, content_type, body, HTTP_TIMEOUT).await
+}
+
+async fn try_http_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
+    let mut rest = tether_client::Rest::new(&format!("http://{addr}"), token.unwrap_or(""));
+    rest.timeout = timeout;
+    let body = body.map(|b| (content_type.unwrap_or("application/json"), b.to_vec()));
+    match rest.send(method, path, body).await {
+        Ok(r) => Ok(HttpResponse {
+            status: r.status,
+            headers: r.headers,
+            body: r.body,
+        }),
+        Err(tether_client::RestError::Connect { kind, message }) => {
+            Err(io::Error::new(kind, message))
+        }
+        Err(e) if e.to_string().contains("timed out") => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, e.to_string()))
+        }
+        Err(e) => Err(io::Error::other(e.to_string())),
+    }
 }
 
 /// Sends `request` (bytes as given, e.g. a deliberately broken request) and
@@ -868,7 +899,8 @@ pub async fn send_request(addr: SocketAddr, request: &[u8]) -> io::Result<HttpRe
         })
 }
 
-/// A blocking [`try_http_raw`] (std sockets; usable outside any runtime).
+/// A blocking [`try_http_raw`], usable anywhere (inside a runtime too: the
+/// request runs on a thread of its own), giving up after 5 s.
 pub fn http_blocking(
     addr: SocketAddr,
     method: &str,
@@ -877,47 +909,28 @@ pub fn http_blocking(
     body: Option<&Value>,
 ) -> io::Result<HttpResponse> {
     let body = body.map(|b| serde_json::to_vec(b).unwrap());
-    let ct = body.as_ref().map(|_| "application/json");
-    let request = build_request(addr, method, path, token, ct, body.as_deref());
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(&request)?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let n = stream.read(&mut chunk)?;
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(response) = parse_response(&buf, n == 0)? {
-            return Ok(response);
-        }
-    }
-}
-
-fn build_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    content_type: Option<&str>,
-    body: Option<&[u8]>,
-) -> Vec<u8> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    match body {
-        Some(b) => head.push_str(&format!("Content-Length: {}\r\n", b.len())),
-        None if !matches!(method, "GET" | "HEAD") => head.push_str("Content-Length: 0\r\n"),
-        None => {}
-    }
-    head.push_str("\r\n");
-    let mut request = head.into_bytes();
-    request.extend_from_slice(body.unwrap_or_default());
-    request
+    let (method, path, token) = (
+        method.to_string(),
+        path.to_string(),
+        token.map(str::to_string),
+    );
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let ct = body.as_ref().map(|_| "application/json");
+        rt.block_on(try_http_within(
+            addr,
+            &method,
+            &path,
+            token.as_deref(),
+            ct,
+            body.as_deref(),
+            Duration::from_secs(5),
+        ))
+    })
+    .join()
+    .expect("the request thread")
 }
 
 /// Parses a response from `buf`: `Ok(None)` while incomplete (more bytes

@@ -4,22 +4,26 @@
 // WebSocket constructor in Node 20). It turns the gateway's at-least-once,
 // in-order delivery into "every event once, in order" for the application:
 //
-// - connects with a token (or an async getToken(), asked again before every
-//   reconnect and once more after an authentication failure), the token in
-//   `?token=` because browsers cannot set headers on a WebSocket;
+// - connects with a token (or an async getToken(), asked again only when the
+//   token is within `tokenRefreshMarginMs` of its exp, or after an
+//   authentication failure), offered as a subprotocol
+//   (`tether.v1, tether.token.<JWT>`), never in the URL;
 // - reconnects with full-jitter exponential backoff (bounded base and cap),
 //   soon after 1001 (server draining) and 1013 (too slow), never in a tight
 //   loop;
 // - keeps the highest seq per conversation, drops anything at or below it,
 //   and reports a gap as an `error` event instead of hiding it;
-// - coalesces acks (a timer, or every N events), at most one in flight per
-//   conversation (an ack is in flight until the pong of the ping sent after
-//   it: the server handles a connection's frames in order);
+// - acks what the application consumed: with autoAck (the default) an event
+//   once every listener returned (or an async listener's promise settled),
+//   in order per conversation; with autoAck:false only client.ack(); acks
+//   are coalesced (a timer, or every N events), at most one in flight per
+//   conversation, never above what the current connection delivered;
 // - retries a send with the same client_msg_id across reconnects until the
 //   server answers `sent` or a final error, so a retry never creates a
 //   second event; the outbox is bounded.
 //
-// The wire protocol is the project's docs/PROTOCOL.md.
+// The wire protocol is the project's docs/PROTOCOL.md; the SDK's own
+// contract (states, events, defaults, codes, acks) is docs/SDK.md.
 
 const SEND_FINAL = new Set([
   'not_found',
@@ -39,12 +43,14 @@ const SEND_RETRY = new Set([
   'too_many_connections',
 ]);
 
+// The same values as the Rust client's (docs/SDK.md).
 const DEFAULTS = {
-  backoffBaseMs: 500,
-  backoffCapMs: 30000,
-  soonMs: 250,
-  stableMs: 5000,
-  connectTimeoutMs: 15000,
+  backoffBaseMs: 100,
+  backoffCapMs: 5000,
+  backoffFloorMs: 10,
+  soonMs: 100,
+  stableMs: 1000,
+  connectTimeoutMs: 10000,
   heartbeatMs: 25000,
   heartbeatTimeoutMs: 10000,
   ackDelayMs: 1000,
@@ -52,6 +58,9 @@ const DEFAULTS = {
   outboxLimit: 1000,
   maxFrameBytes: 256 * 1024,
   httpRetries: 3,
+  autoAck: true,
+  tokenRefreshMarginMs: 30000,
+  probeIntervalMs: 30000,
 };
 
 /** An error of the gateway or of the client, with a machine-readable code. */
@@ -85,6 +94,12 @@ export function uuid() {
 
 /** The user id (`sub`) of a JWT, without verifying it; null if unreadable. */
 export function tokenUser(token) {
+  const claims = tokenClaims(token);
+  return claims && typeof claims.sub === 'string' ? claims.sub : null;
+}
+
+/** The claims of a JWT, without verifying it; null if unreadable. */
+function tokenClaims(token) {
   try {
     const part = String(token).split('.')[1];
     const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
@@ -95,8 +110,8 @@ export function tokenUser(token) {
             Array.from(atob(padded), (ch) => '%' + ch.charCodeAt(0).toString(16).padStart(2, '0')).join(''),
           )
         : Buffer.from(padded, 'base64').toString('utf8');
-    const sub = JSON.parse(json).sub;
-    return typeof sub === 'string' ? sub : null;
+    const claims = JSON.parse(json);
+    return claims && typeof claims === 'object' ? claims : null;
   } catch {
     return null;
   }
@@ -115,6 +130,9 @@ function endpoints(url) {
     else throw new TypeError('TetherClient: `url` is required (e.g. "http://127.0.0.1:8080")');
   }
   const u = new URL(base, globalThis.location ? globalThis.location.href : undefined);
+  if (!['http:', 'https:', 'ws:', 'wss:'].includes(u.protocol)) {
+    throw new TypeError(`TetherClient: unsupported scheme ${u.protocol} in ${JSON.stringify(String(base))} (use http(s) or ws(s))`);
+  }
   u.search = '';
   u.hash = '';
   let path = u.pathname.replace(/\/+$/, '');
@@ -191,7 +209,14 @@ export class TetherClient {
       for (const [c, s] of Object.entries(o.lastSeqs)) this._high.set(Number(c), Number(s));
     }
     this._left = new Set();
-    this._ackWant = new Map();
+    // What the application consumed, per conversation (what acks say), and
+    // the listeners' promises still running, chained per conversation.
+    this._consumed = new Map();
+    this._chains = new Map();
+    // The highest seq the current connection delivered (an ack above it is refused).
+    this._connHigh = new Map();
+    this._lastProbe = 0;
+    this._hooks = null;
     this._eventsSinceAck = 0;
     this._outbox = new Map();
     this._outboxTimer = null;
@@ -221,17 +246,21 @@ export class TetherClient {
     });
   }
 
+  /** Calls the listeners of `name`; returns the promises they returned. */
   _emit(name, value) {
     const set = this._listeners.get(name);
-    if (!set || set.size === 0) return;
+    const pending = [];
+    if (!set || set.size === 0) return pending;
     for (const fn of [...set]) {
       try {
-        fn(value);
+        const r = fn(value);
+        if (r && typeof r.then === 'function') pending.push(r);
       } catch (e) {
         // A throwing listener must not break delivery to the others.
         if (typeof console !== 'undefined') console.error(`tether: a "${name}" listener threw`, e);
       }
     }
+    return pending;
   }
 
   _setState(state, extra) {
@@ -304,6 +333,13 @@ export class TetherClient {
 
   // ----- tokens -----------------------------------------------------------
 
+  /** Whether the current token expires within tokenRefreshMarginMs (or has no exp). */
+  _tokenExpiring() {
+    const claims = this._token ? tokenClaims(this._token) : null;
+    if (!claims || typeof claims.exp !== 'number') return true;
+    return claims.exp * 1000 - Date.now() < this._o.tokenRefreshMarginMs;
+  }
+
   /** The token to use now; asks getToken() when `fresh` (or when none yet). */
   async _getToken(fresh) {
     if (typeof this._o.getToken !== 'function') return this._token;
@@ -335,8 +371,34 @@ export class TetherClient {
     this._stopped = false;
     this._attempt = 0;
     this._authFailures = 0;
+    this._installHooks();
     this._open();
     return this;
+  }
+
+  /** Connects now if waiting out a backoff (e.g. the network is back). */
+  reconnectNow() {
+    if (this._stopped || this._ws || this._state !== 'reconnecting') return;
+    this._reconnectTimer = this._cancel(this._reconnectTimer);
+    this._attempt = 0;
+    this._open();
+  }
+
+  /** Browsers: coming back online, or the page becoming visible, reconnects at once. */
+  _installHooks() {
+    const g = globalThis;
+    if (this._hooks || typeof g.addEventListener !== 'function') return;
+    const wake = () => this.reconnectNow();
+    const visible = () => {
+      if (g.document && g.document.visibilityState === 'visible') wake();
+    };
+    g.addEventListener('online', wake);
+    const doc = g.document && typeof g.document.addEventListener === 'function' ? g.document : null;
+    if (doc) doc.addEventListener('visibilitychange', visible);
+    this._hooks = () => {
+      g.removeEventListener('online', wake);
+      if (doc) doc.removeEventListener('visibilitychange', visible);
+    };
   }
 
   /** Closes for good: flushes acks, rejects unsent sends with `closed`. */
@@ -344,6 +406,8 @@ export class TetherClient {
     const wasStopped = this._stopped;
     this._stopped = true;
     this._gen++;
+    if (this._hooks) this._hooks();
+    this._hooks = null;
     if (this._synced) this._flushAcks(true);
     const ws = this._ws;
     this._endConnection();
@@ -368,10 +432,10 @@ export class TetherClient {
     this._setState('connecting', { attempt: this._attempt });
     let token;
     try {
-      // getToken() before every connection attempt (a static token only
-      // serves the first).
+      // The token is reused until shortly before its exp (or an
+      // authentication failure): getToken() is not asked on every reconnect.
       this._tries++;
-      token = await this._getToken(this._tries > 1 || !this._token);
+      token = await this._getToken(!this._token || this._authFailures > 0 || this._tokenExpiring());
     } catch (e) {
       if (gen !== this._gen || this._stopped) return;
       this._emit(
@@ -384,7 +448,8 @@ export class TetherClient {
     if (gen !== this._gen || this._stopped) return;
     let ws;
     try {
-      ws = new this._WS(`${this.wsUrl}?token=${encodeURIComponent(token)}`);
+      // The token as a subprotocol: never in a URL that proxies log.
+      ws = new this._WS(this.wsUrl, ['tether.v1', `tether.token.${token}`]);
     } catch (e) {
       this._emit('error', new TetherError('connect_failed', `could not open a WebSocket: ${e && e.message}`));
       this._scheduleReconnect({ code: 0, reason: 'constructor failed' });
@@ -396,6 +461,7 @@ export class TetherClient {
     this._handshakeError = '';
     this._ackSent = new Map();
     this._ackInflight = new Set();
+    this._connHigh = new Map();
     this._pingWaiters = [];
     this._connectTimer = this._later(this._o.connectTimeoutMs, () => {
       if (this._ws === ws && !this._opened) this._abort(ws, 4000, 'connect timeout');
@@ -473,18 +539,38 @@ export class TetherClient {
     // Authentication: a 1008, or a refused handshake that was a 401.
     let authFailed = code === 1008;
     if (!opened && !authFailed) {
-      if (/\b401\b/.test(handshakeError)) authFailed = true;
-      else if (code !== 4000) authFailed = await this._probeUnauthorized();
+      // Node's `ws` says the status ("Unexpected server response: 404");
+      // browsers say nothing, so a rate-limited REST probe asks about 401.
+      const m = /server response: (\d{3})/.exec(handshakeError);
+      const status = m ? Number(m[1]) : 0;
+      if (status >= 400 && status < 500 && status !== 401 && status !== 429) {
+        this._fail(
+          new TetherError('config', `the handshake was refused with HTTP ${status}; is ${this.wsUrl} the gateway's?`, {
+            status,
+          }),
+          code,
+          reason,
+        );
+        return;
+      }
+      if (status === 401) authFailed = true;
+      else if (!status && code !== 4000) authFailed = await this._probeUnauthorized();
       if (gen !== this._gen || this._stopped) return;
+      if (!authFailed) {
+        this._emit(
+          'error',
+          new TetherError('connect_failed', `could not connect to ${this.wsUrl}: ${handshakeError || `closed with ${code}`}`, {
+            cause: handshakeError || undefined,
+            status: status || undefined,
+            closeCode: code,
+          }),
+        );
+      }
     }
     if (authFailed) {
       this._authFailures++;
       if (typeof this._o.getToken !== 'function' || this._authFailures >= 2) {
-        const err = new TetherError('unauthorized', 'the server refused the token', { closeCode: code });
-        this._stopped = true;
-        this._emit('error', err);
-        this._failOutbox(err);
-        this._setState('closed', { code, reason, error: err });
+        this._fail(new TetherError('unauthorized', 'the server refused the token', { closeCode: code }), code, reason);
         return;
       }
       // Once more with a fresh token, soon.
@@ -503,9 +589,21 @@ export class TetherClient {
     this._scheduleReconnect({ code, reason, delay });
   }
 
-  /** After a failed handshake: does the server refuse our token (401)? */
+  /** Gives up for good with `err` (final: retrying cannot help). */
+  _fail(err, code, reason) {
+    this._stopped = true;
+    if (this._hooks) this._hooks();
+    this._hooks = null;
+    this._emit('error', err);
+    this._failOutbox(err);
+    this._setState('closed', { code, reason, error: err });
+  }
+
+  /** After a failed handshake: does the server refuse our token (401)? At most once per probeIntervalMs. */
   async _probeUnauthorized() {
     if (!this._fetch || !this._token) return false;
+    if (Date.now() - this._lastProbe < this._o.probeIntervalMs) return false;
+    this._lastProbe = Date.now();
     try {
       const opts = { headers: { authorization: `Bearer ${this._token}` } };
       if (typeof AbortSignal !== 'undefined' && typeof AbortSignal.timeout === 'function') {
@@ -521,7 +619,7 @@ export class TetherClient {
   _backoff() {
     const exp = Math.min(this._o.backoffCapMs, this._o.backoffBaseMs * 2 ** Math.min(this._attempt, 30));
     this._attempt++;
-    return this._random() * exp;
+    return Math.max(this._o.backoffFloorMs, this._random() * exp);
   }
 
   _scheduleReconnect({ code, reason, delay }) {
@@ -618,6 +716,7 @@ export class TetherClient {
       this._emit('error', new TetherError('bad_frame', 'an event without conversation_id/seq'));
       return;
     }
+    this._connHigh.set(c, Math.max(this._connHigh.get(c) || 0, seq));
     const me = this.user;
     const joinsMe =
       (f.event === 'member.joined' && f.user === me) ||
@@ -625,8 +724,8 @@ export class TetherClient {
     const high = this._high.get(c);
     if (high !== undefined && seq <= high) {
       // A replay from a cursor below what we saw (the last connection ended
-      // before the server stored our ack): tell this connection how far we are.
-      if (!this._left.has(c) && (this._ackSent.get(c) || 0) < high) this._wantAck(c, high);
+      // before the server stored our ack): ack again what was consumed.
+      if (!this._left.has(c)) this._scheduleAck();
       return;
     }
     if (high !== undefined && seq > high + 1 && !(joinsMe && this._left.has(c))) {
@@ -643,44 +742,93 @@ export class TetherClient {
     if (joinsMe) this._left.delete(c);
     const ev = { ...f };
     delete ev.type;
-    this._emit('event', ev);
+    const pending = this._emit('event', ev);
     if (f.event === 'member.left' && f.user === me) {
       // The server no longer knows us in this conversation: acks would be refused.
       this._left.add(c);
-      this._ackWant.delete(c);
+      this._consumed.delete(c);
       return;
     }
-    this._wantAck(c, seq);
+    if (!this._o.autoAck) return;
+    const prev = this._chains.get(c);
+    if (pending.length === 0 && !prev) {
+      this._consume(c, seq);
+      return;
+    }
+    // Acked once every listener's promise settled, in order per conversation.
+    const chain = (prev || Promise.resolve())
+      .then(() => Promise.allSettled(pending))
+      .then((settled) => {
+        for (const r of settled) {
+          if (r.status === 'rejected') {
+            this._emit(
+              'error',
+              new TetherError('listener_failed', `an "event" listener failed on ${c}:${seq}`, {
+                cause: r.reason,
+                conversationId: c,
+                seq,
+              }),
+            );
+          }
+        }
+        if (this._chains.get(c) === chain) this._chains.delete(c);
+        this._consume(c, seq);
+      });
+    this._chains.set(c, chain);
   }
 
-  _wantAck(c, seq) {
-    if ((this._ackWant.get(c) || 0) < seq) this._ackWant.set(c, seq);
+  /**
+   * Acknowledges a conversation up to `seq` (with autoAck:false, after the
+   * application has processed it). Clamped to what was delivered; false if
+   * nothing was delivered in that conversation.
+   */
+  ack(conversationId, seq) {
+    return this._consume(Number(conversationId), Number(seq));
+  }
+
+  _consume(c, seq) {
+    const high = this._high.get(c);
+    if (high === undefined || !Number.isInteger(seq)) return false;
+    if (this._left.has(c)) return true;
+    const s = Math.min(seq, high);
+    if (s <= (this._consumed.get(c) || 0)) return true;
+    this._consumed.set(c, s);
     this._eventsSinceAck++;
+    this._scheduleAck();
+    return true;
+  }
+
+  /** What may be acked in `c` on this connection now (0: nothing). */
+  _ackable(c) {
+    const seq = Math.min(this._consumed.get(c) || 0, this._connHigh.get(c) || 0);
+    return seq > (this._ackSent.get(c) || 0) && !this._left.has(c) ? seq : 0;
+  }
+
+  _scheduleAck() {
     if (!this._synced) return;
-    if (this._eventsSinceAck >= this._o.ackEvery) this._flushAcks(true);
+    if (this._eventsSinceAck >= this._o.ackEvery) this._flushAcks();
     else if (!this._ackTimer) {
       this._ackTimer = this._later(this._o.ackDelayMs, () => {
         this._ackTimer = null;
-        this._flushAcks(true);
+        this._flushAcks();
       });
     }
   }
 
-  /** Sends one ack per conversation with something new, except where one is in flight. */
-  _flushAcks() {
+  /**
+   * Sends one ack per conversation with something new, except where one is
+   * in flight (`all`: those too, before a close).
+   */
+  _flushAcks(all = false) {
     const ws = this._ws;
     if (!this._synced || !ws) return;
     this._ackTimer = this._cancel(this._ackTimer);
     this._eventsSinceAck = 0;
     const batch = [];
-    for (const [c, seq] of this._ackWant) {
-      if (this._ackInflight.has(c)) continue;
-      if (this._left.has(c) || seq <= (this._ackSent.get(c) || 0)) {
-        this._ackWant.delete(c);
-        continue;
-      }
+    for (const c of this._consumed.keys()) {
+      const seq = this._ackable(c);
+      if (!seq || (this._ackInflight.has(c) && !all)) continue;
       if (!this._send(ws, { type: 'ack', conversation_id: c, seq })) return;
-      this._ackWant.delete(c);
       this._ackSent.set(c, seq);
       this._ackInflight.add(c);
       batch.push(c);
@@ -689,7 +837,8 @@ export class TetherClient {
     this._ping(() => {
       if (this._ws !== ws) return;
       for (const c of batch) this._ackInflight.delete(c);
-      if (this._ackWant.size > 0 && !this._ackTimer) {
+      const more = [...this._consumed.keys()].some((c) => this._ackable(c));
+      if (more && !this._ackTimer) {
         this._ackTimer = this._later(this._o.ackDelayMs, () => {
           this._ackTimer = null;
           this._flushAcks();
@@ -701,10 +850,15 @@ export class TetherClient {
   // ----- sends ------------------------------------------------------------
 
   /**
-   * Sends a message over the WebSocket. Resolves with
-   * `{seq, duplicate, conversationId, clientMsgId}` once committed; retried
-   * with the same client_msg_id across reconnects; rejects with a
-   * TetherError on a final error, when the outbox is full, or on close().
+   * Sends a message over the WebSocket. Resolves with `{seq, duplicate,
+   * conversation_id, client_msg_id}` (the wire's names, as in events; the
+   * camelCase `conversationId`/`clientMsgId` are aliases) once committed;
+   * retried with the same client_msg_id across reconnects; rejects with a
+   * TetherError on a final error, when the outbox is full, on close(), at
+   * once if connect() was never called (`not_connected`), after
+   * `timeoutMs` (`timeout`) or when `signal` aborts (`aborted`). A send
+   * that timed out or was aborted may still have been stored: retry it with
+   * the same `clientMsgId` to find out without making a second event.
    */
   send(conversationId, body, options = {}) {
     const c = Number(conversationId);
@@ -716,6 +870,13 @@ export class TetherClient {
     }
     if (this._stopped && this._state === 'closed') {
       return Promise.reject(new TetherError('closed', 'the client is closed'));
+    }
+    if (this._state === 'idle') {
+      return Promise.reject(new TetherError('not_connected', 'call connect() before send()'));
+    }
+    const { signal, timeoutMs } = options;
+    if (signal && signal.aborted) {
+      return Promise.reject(new TetherError('aborted', 'the send was aborted before it was queued', { cause: signal.reason }));
     }
     const id = options.clientMsgId || uuid();
     if (this._outbox.has(id)) {
@@ -741,7 +902,36 @@ export class TetherClient {
       );
     }
     return new Promise((resolve, reject) => {
-      const entry = { id, frame, bytes, resolve, reject, inflight: false, notBefore: 0, attempts: 0 };
+      let timer = null;
+      const onAbort = () => giveUp(new TetherError('aborted', 'the send was aborted; it may have been stored', { cause: signal.reason }));
+      const settle = () => {
+        if (timer) clearTimeout(timer);
+        if (signal) signal.removeEventListener('abort', onAbort);
+      };
+      const entry = {
+        id,
+        frame,
+        bytes,
+        resolve: (v) => (settle(), resolve(v)),
+        reject: (e) => (settle(), reject(e)),
+        inflight: false,
+        notBefore: 0,
+        attempts: 0,
+      };
+      const giveUp = (err) => {
+        if (this._outbox.get(id) !== entry) return;
+        this._outbox.delete(id);
+        err.conversationId = c;
+        err.clientMsgId = id;
+        entry.reject(err);
+      };
+      if (timeoutMs > 0) {
+        timer = setTimeout(
+          () => giveUp(new TetherError('timeout', `no answer within ${timeoutMs} ms; it may have been stored`)),
+          timeoutMs,
+        );
+      }
+      if (signal) signal.addEventListener('abort', onAbort, { once: true });
       this._outbox.set(id, entry);
       if (typeof options.onQueued === 'function') options.onQueued(id);
       this._transmit(entry);
@@ -775,6 +965,8 @@ export class TetherClient {
     entry.resolve({
       seq: f.seq,
       duplicate: !!f.duplicate,
+      conversation_id: f.conversation_id,
+      client_msg_id: entry.id,
       conversationId: f.conversation_id,
       clientMsgId: entry.id,
     });
@@ -834,6 +1026,11 @@ export class TetherClient {
     }
   }
 
+  /** One conversation's view: its events, send, history, back-fill, mark-read. */
+  conversation(conversationId) {
+    return new Conversation(this, conversationId);
+  }
+
   // ----- REST -------------------------------------------------------------
 
   async _http(method, path, body, { retries = 0 } = {}) {
@@ -887,14 +1084,27 @@ export class TetherClient {
     }
   }
 
-  /** POST /v1/conversations: `{id, title, members, seq}`. The caller is a member. */
-  createConversation({ members = [], title = '' } = {}) {
-    return this._http('POST', '/v1/conversations', { members, title });
+  /** POST /v1/conversations: `{id, title, members, seq, history}`. The caller is the owner. */
+  createConversation({ members = [], title = '', history } = {}) {
+    const body = { members, title };
+    if (history) body.history = history;
+    return this._http('POST', '/v1/conversations', body);
   }
 
-  /** POST /v1/conversations/{id}/members. */
-  addMember(conversationId, user) {
-    return this._http('POST', `/v1/conversations/${encodeURIComponent(conversationId)}/members`, { user });
+  /** POST /v1/conversations/{id}/members: `{added, role, seq}` (`role`: member, or admin by the owner). */
+  addMember(conversationId, user, { role } = {}) {
+    const body = { user };
+    if (role) body.role = role;
+    return this._http('POST', `/v1/conversations/${encodeURIComponent(conversationId)}/members`, body);
+  }
+
+  /** PATCH /v1/conversations/{id}/members/{user}: `{role, changed, seq}` (owner only). */
+  setRole(conversationId, user, role) {
+    return this._http(
+      'PATCH',
+      `/v1/conversations/${encodeURIComponent(conversationId)}/members/${encodeURIComponent(user)}`,
+      { role },
+    );
   }
 
   /** DELETE /v1/conversations/{id}/members/{user}. */
@@ -939,6 +1149,84 @@ export class TetherClient {
       { body, client_msg_id: clientMsgId || uuid() },
       { retries: retries === undefined ? this._o.httpRetries : retries },
     );
+  }
+}
+
+/**
+ * One conversation over a client (as Centrifugo subscriptions or Phoenix
+ * channels): the client-wide stream stays the one source of events (one
+ * order, one ack path); this narrows it.
+ */
+export class Conversation {
+  constructor(client, conversationId) {
+    const id = Number(conversationId);
+    if (!Number.isInteger(id) || id <= 0) throw new TypeError('conversationId must be a positive integer');
+    this.client = client;
+    this.id = id;
+    this._offs = new Set();
+  }
+
+  /**
+   * `message` (message.created events), `event` (all of this
+   * conversation's), `gap` (a gap reported here). Returns an unsubscribe
+   * function. With autoAck, an async listener's promise is awaited before
+   * the event is acknowledged, as for the client's own listeners.
+   */
+  on(name, fn) {
+    let off;
+    if (name === 'gap') {
+      off = this.client.on('error', (e) => (e.code === 'gap' && e.conversationId === this.id ? fn(e) : undefined));
+    } else if (name === 'event' || name === 'message') {
+      off = this.client.on('event', (e) =>
+        e.conversation_id === this.id && (name === 'event' || e.event === 'message.created') ? fn(e) : undefined,
+      );
+    } else {
+      throw new TypeError(`unknown conversation event ${name} (message, event, gap)`);
+    }
+    this._offs.add(off);
+    return () => {
+      this._offs.delete(off);
+      off();
+    };
+  }
+
+  /** Removes every listener added through this view. */
+  off() {
+    for (const off of this._offs) off();
+    this._offs.clear();
+  }
+
+  /** See TetherClient.send. */
+  send(body, options) {
+    return this.client.send(this.id, body, options);
+  }
+
+  /** A page of history: `{beforeSeq}` newest first (default), `{afterSeq}` oldest first. */
+  history(options = {}) {
+    return this.client.eventsPage(this.id, options);
+  }
+
+  /** Every event in `from..to`, oldest first: what a `gap` reported missing. */
+  async backfill(from, to) {
+    const out = [];
+    let after = from - 1;
+    while (after < to) {
+      const page = await this.client.eventsPage(this.id, { afterSeq: after, limit: 200 });
+      for (const e of page.events) if (e.seq <= to) out.push(e);
+      if (page.next_after_seq == null || page.next_after_seq <= after) break;
+      after = page.next_after_seq;
+    }
+    return out;
+  }
+
+  /** Marks read up to `seq` (the server's cursor, and so `unread`). */
+  markRead(seq) {
+    return this.client.ack(this.id, seq);
+  }
+
+  /** The highest seq seen here. */
+  get lastSeq() {
+    return this.client.lastSeq(this.id);
   }
 }
 

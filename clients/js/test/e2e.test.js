@@ -25,11 +25,12 @@ after(async () => {
 
 /** A client that records what it surfaces, and fails loudly on a duplicate or out-of-order event. */
 function makeClient(user, opts = {}) {
-  const rec = { events: [], states: [], errors: [], tokens: [], urls: [], getTokenCalls: 0 };
+  const rec = { events: [], states: [], errors: [], tokens: [], urls: [], protocols: [], getTokenCalls: 0 };
   class RecordingWS extends WebSocket {
-    constructor(url) {
-      super(url);
+    constructor(url, protocols) {
+      super(url, protocols);
       rec.urls.push(url);
+      rec.protocols.push(protocols);
     }
   }
   const c = new TetherClient({
@@ -69,7 +70,10 @@ test('two clients exchange messages', { timeout: 120000 }, async () => {
   bob.connect();
   await Promise.all([alice.whenSynced(), bob.whenSynced()]);
   assert.equal(alice.user, 'alice');
-  assert.match(alice.rec.urls[0], /\/v1\/ws\?token=/);
+  // The token is offered as a subprotocol; the URL carries none.
+  assert.match(alice.rec.urls[0], /\/v1\/ws$/);
+  assert.equal(alice.rec.protocols[0][0], 'tether.v1');
+  assert.equal(alice.rec.protocols[0][1], `tether.token.${alice.rec.tokens[0]}`);
 
   const { id } = await alice.createConversation({ members: ['bob'], title: 'hello' });
   await waitFor(() => bob.rec.events.some((e) => e.conversation_id === id && e.event === 'conversation.created'), {
@@ -219,8 +223,8 @@ test('an expired token is replaced through getToken() on reconnect', { timeout: 
   await cluster.killWorkerServing(carol);
   await waitFor(() => carol.syncs() >= 2, { timeout: 30000, what: 'carol to be synced again' });
   assert.ok(carol.rec.getTokenCalls >= 2);
-  const lastUrl = carol.rec.urls[carol.rec.urls.length - 1];
-  assert.ok(!lastUrl.includes(encodeURIComponent(first)), 'reconnected with a new token');
+  const lastOffer = carol.rec.protocols[carol.rec.protocols.length - 1];
+  assert.notEqual(lastOffer[1], `tether.token.${first}`, 'reconnected with a new token');
   const { id } = await carol.createConversation({ members: [], title: 'solo' });
   const r = await carol.send(id, 'still here');
   assert.ok(r.seq > 1);

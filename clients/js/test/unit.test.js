@@ -11,8 +11,9 @@ import { mintToken, waitFor } from '../test-support/harness.js';
 /** A WebSocket the test plays the server of. */
 class FakeWS {
   static all = [];
-  constructor(url) {
+  constructor(url, protocols) {
     this.url = url;
+    this.protocols = protocols;
     this.readyState = 0;
     this.sent = [];
     FakeWS.all.push(this);
@@ -103,7 +104,7 @@ test('helpers: uuid, tokenUser, URLs', { timeout: 30000 }, () => {
   assert.throws(() => new TetherClient({ url: 'http://x', WebSocket: FakeWS }), /token/);
 });
 
-test('the token goes in ?token= and events are delivered once, in order; a gap is an error', { timeout: 30000 }, async () => {
+test('the token is offered as a subprotocol, never in the URL; events are delivered once, in order; a gap is an error', { timeout: 30000 }, async () => {
   fresh();
   const c = client();
   const seen = [];
@@ -111,7 +112,9 @@ test('the token goes in ?token= and events are delivered once, in order; a gap i
   c.on('event', (e) => seen.push(`${e.conversation_id}:${e.seq}`));
   c.on('error', (e) => errors.push(e));
   const ws = await connected(c);
-  assert.match(ws.url, /^ws:\/\/gateway\.test:8080\/v1\/ws\?token=ey/);
+  assert.equal(ws.url, 'ws://gateway.test:8080/v1/ws');
+  assert.equal(ws.protocols[0], 'tether.v1');
+  assert.match(ws.protocols[1], /^tether\.token\.ey/);
   ws.frame(ev(1, 1));
   ws.frame(ev(1, 2));
   ws.frame(ev(1, 2)); // duplicate
@@ -236,14 +239,14 @@ test('1008: getToken() is asked once more, then the client gives up', { timeout:
   c.on('state', (s) => states.push(s.state));
   const errors = [];
   c.on('error', (e) => errors.push(e.code));
-  const pending = c.send(1, 'never sent');
   c.connect();
+  const pending = c.send(1, 'never sent');
   await waitFor(() => FakeWS.all.length === 1, { what: 'a socket' });
   latest().accept();
   latest().drop(1008, 'policy');
   await waitFor(() => FakeWS.all.length === 2, { what: 'the retry with a new token' });
   assert.equal(calls, 2);
-  assert.notEqual(FakeWS.all[0].url, FakeWS.all[1].url);
+  assert.notEqual(FakeWS.all[0].protocols[1], FakeWS.all[1].protocols[1], 'a fresh token');
   latest().refuse(401); // a refused handshake counts the same
   await assert.rejects(pending, (e) => e instanceof TetherError && e.code === 'unauthorized');
   assert.equal(c.state, 'closed');
@@ -286,6 +289,8 @@ test('a refused handshake in a browser (no status) is classified by a probe', { 
 test('send: queued until synced, retried with the same client_msg_id after a reconnect', { timeout: 30000 }, async () => {
   fresh();
   const c = client();
+  await assert.rejects(c.send(4, 'too early'), (e) => e.code === 'not_connected');
+  c.connect();
   const p = c.send(4, 'hello');
   let ws = await connected(c);
   assert.equal(ws.sentOf('send').length, 0, 'nothing sent before synced');
@@ -301,7 +306,14 @@ test('send: queued until synced, retried with the same client_msg_id after a rec
   const [again] = ws.sentOf('send');
   assert.equal(again.client_msg_id, first.client_msg_id);
   ws.frame({ type: 'sent', client_msg_id: first.client_msg_id, conversation_id: 4, seq: 17, duplicate: true });
-  assert.deepEqual(await p, { seq: 17, duplicate: true, conversationId: 4, clientMsgId: first.client_msg_id });
+  assert.deepEqual(await p, {
+    seq: 17,
+    duplicate: true,
+    conversation_id: 4,
+    client_msg_id: first.client_msg_id,
+    conversationId: 4,
+    clientMsgId: first.client_msg_id,
+  });
   c.close();
 });
 
@@ -330,6 +342,7 @@ test('send: final errors reject, retryable ones honour retry_after', { timeout: 
 test('send: a bounded outbox with a clear error, and close() rejects what is left', { timeout: 30000 }, async () => {
   fresh();
   const c = client({ outboxLimit: 3 });
+  c.connect();
   const ps = [c.send(1, 'a'), c.send(1, 'b'), c.send(1, 'c')];
   await assert.rejects(c.send(1, 'd'), (e) => e.code === 'outbox_full' && /outbox full/.test(e.message));
   await assert.rejects(c.send(0, 'x'), (e) => e.code === 'invalid_field');
@@ -351,4 +364,51 @@ test('a silent connection is abandoned by the heartbeat', { timeout: 30000 }, as
   await waitFor(() => FakeWS.all.length === 2, { what: 'the reconnect after the heartbeat timeout' });
   assert.ok(states.some((s) => s.state === 'reconnecting' && s.reason === 'heartbeat timeout'));
   c.close();
+});
+
+test('the 401 probe after failed handshakes is rate-limited', { timeout: 30000 }, async () => {
+  fresh();
+  let probes = 0;
+  const c = client({
+    fetch: async () => {
+      probes++;
+      return { status: 200 }; // not a token problem
+    },
+    backoffBaseMs: 5,
+    backoffCapMs: 5,
+    backoffFloorMs: 5,
+  });
+  const failures = [];
+  c.on('error', (e) => e.code === 'connect_failed' && failures.push(e));
+  c.connect();
+  for (let n = 1; n <= 5; n++) {
+    await waitFor(() => FakeWS.all.length === n, { what: `attempt ${n}` });
+    latest().drop(1006); // a browser learns nothing about why
+    await waitFor(() => failures.length === n, { what: `failure ${n} reported` });
+  }
+  assert.equal(probes, 1, 'one probe per probeIntervalMs, not one per failed handshake');
+  c.close();
+});
+
+test('a browser coming back online reconnects at once', { timeout: 30000 }, async () => {
+  fresh();
+  const target = new EventTarget();
+  globalThis.addEventListener = target.addEventListener.bind(target);
+  globalThis.removeEventListener = target.removeEventListener.bind(target);
+  try {
+    const c = client({ backoffBaseMs: 60000, backoffCapMs: 60000, backoffFloorMs: 60000 });
+    c.connect();
+    await waitFor(() => FakeWS.all.length === 1, { what: 'a socket' });
+    latest().refuse(503);
+    await waitFor(() => c.state === 'reconnecting', { what: 'a minute of backoff' });
+    target.dispatchEvent(new Event('online'));
+    await waitFor(() => FakeWS.all.length === 2, { what: 'the reconnect the online event triggers' });
+    c.close();
+    // A reconnect would set the state to `connecting` synchronously.
+    target.dispatchEvent(new Event('online'));
+    assert.equal(c.state, 'closed', 'a closed client ignores it (the listener is gone)');
+  } finally {
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
 });
