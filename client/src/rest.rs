@@ -35,20 +35,35 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 #[cfg(not(feature = "tls"))]
 type Connector = HttpConnector;
 
-fn connector() -> Connector {
+fn pool(connector: Connector) -> Pool<Connector, Full<Bytes>> {
+    Pool::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+fn plain() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    #[cfg(feature = "tls")]
-    {
-        http.enforce_http(false);
-        hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*transport::tls_config()).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http)
-    }
-    #[cfg(not(feature = "tls"))]
     http
+}
+
+/// `https://` through rustls (with `config`, or the webpki roots), and
+/// `http://`.
+#[cfg(feature = "tls")]
+fn connector(config: Option<std::sync::Arc<rustls::ClientConfig>>) -> Connector {
+    let mut http = plain();
+    http.enforce_http(false);
+    let config = config.unwrap_or_else(transport::tls_config);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*config).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+#[cfg(not(feature = "tls"))]
+fn connector() -> Connector {
+    plain()
 }
 
 /// A failed request.
@@ -260,10 +275,21 @@ impl Rest {
         Rest {
             base,
             token: token.into(),
-            pool: Pool::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector()),
+            #[cfg(feature = "tls")]
+            pool: pool(connector(None)),
+            #[cfg(not(feature = "tls"))]
+            pool: pool(connector()),
             timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The same, trusting what `config` trusts for `https://` (e.g. a
+    /// private CA) instead of the webpki roots.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(self, config: std::sync::Arc<rustls::ClientConfig>) -> Rest {
+        Rest {
+            pool: pool(connector(Some(config))),
+            ..self
         }
     }
 
