@@ -4,11 +4,9 @@
 //! and everyone else unaffected, and keyset pages that stay consistent
 //! while events arrive.
 
-mod support;
-
 use serde_json::json;
 use std::time::Duration;
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 

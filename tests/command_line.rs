@@ -4,13 +4,11 @@
 //! `tether token`, and worker options given to `tether` reaching the
 //! workers it starts (on the command line and in the environment).
 
-mod support;
-
 use std::process::{Command, Output};
 
 use serde_json::json;
-use support::*;
 use tether_protocol::auth::{self, Secret};
+use tether_testkit::*;
 
 fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin);

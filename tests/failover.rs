@@ -7,14 +7,12 @@
 //! retried send lands exactly once, a member gets every event in order,
 //! and `/ready` is 200 again.
 
-mod support;
-
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use support::*;
 use tether_pgcluster::{PgCluster, PgOptions};
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(60);
 const SENDS: u64 = 400;

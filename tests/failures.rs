@@ -3,13 +3,11 @@
 //! and `/metrics` moving. Real processes, real signals, a real PostgreSQL
 //! that the tests stop and start.
 
-mod support;
-
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 
 use std::time::{Duration, Instant};
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

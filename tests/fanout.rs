@@ -3,12 +3,10 @@
 //! Every event reaches every member whichever worker it entered by, in
 //! order with no gap, also when the LISTEN connection is killed.
 
-mod support;
-
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

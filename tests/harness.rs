@@ -1,12 +1,10 @@
-//! Sanity checks of the test harness itself (tests/support): the throwaway
+//! Sanity checks of the test harness itself (testkit/): the throwaway
 //! database, child processes, the HTTP parser and the condition waits. No
 //! tether process is started here.
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::*;
+use tether_testkit::*;
 
 #[test]
 fn test_db_counts_stops_and_starts() {

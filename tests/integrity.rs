@@ -14,13 +14,11 @@
 //! - a repair waiting for the database ends on drain (1001) and on the
 //!   client closing.
 
-mod support;
-
 use serde_json::{json, Value};
 #[cfg(feature = "fault-injection")]
 use std::path::Path;
 use std::time::Duration;
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -3,13 +3,11 @@
 //! (nor put a token in its log), random HTTP that never gets a 500, and
 //! `/metrics` counters that move.
 
-mod support;
-
 use serde_json::json;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

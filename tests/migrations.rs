@@ -7,13 +7,11 @@
 //! `tether migrate` does it and exits. Also: every per-conversation table
 //! and unique index is keyed by `conversation_id` first (sharding).
 
-mod support;
-
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -8,15 +8,13 @@
 //! Without the `prometheus` binary the Prometheus test says SKIPPED and
 //! passes, unless `TETHER_REQUIRE_ALL=1` (as in .ci/run).
 
-mod support;
-
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -4,12 +4,10 @@
 //! with the replica's replay paused (`pg_wal_replay_pause()`) and writes
 //! going on, no page and no backlog misses an event.
 
-mod support;
-
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::*;
 use tether_pgcluster::{PgCluster, PgOptions};
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

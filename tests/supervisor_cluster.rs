@@ -4,15 +4,13 @@
 //! are being sent (the clients reconnect with jittered backoff and end with
 //! every acknowledged message, in order, once after dedup).
 
-mod support;
-
 use futures_util::SinkExt;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(60);
 

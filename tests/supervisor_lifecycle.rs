@@ -5,13 +5,11 @@
 //! load with nothing refused, and SIGTERM closing clients with 1001 within
 //! the drain time.
 
-mod support;
-
 use serde_json::json;
 use std::collections::HashSet;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -5,12 +5,10 @@
 //! concurrent writers with reconnecting readers, idempotency, access
 //! control, bad frames, and keyset pagination.
 
-mod support;
-
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
-use support::*;
+use tether_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 

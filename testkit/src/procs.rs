@@ -297,7 +297,7 @@ impl WorkerProc {
         let worker_id = format!("w{}", WORKER_SEQ.fetch_add(1, Ordering::Relaxed));
         let (proc, addr) = spawn_ready(&format!("tether-worker-{worker_id}"), wait, |port| {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether-worker"));
+            let mut cmd = Command::new(bin("tether-worker"));
             scrub_env(&mut cmd);
             cmd.arg("--listen")
                 .arg(addr.to_string())
@@ -400,7 +400,7 @@ impl ClusterProc {
     fn spawn_inner(args: &[&str], env: &[(&str, &str)], wait: bool) -> ClusterProc {
         let given = listen_arg(args);
         let (proc, addr) = spawn_ready("tether", wait, |port| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+            let mut cmd = Command::new(bin("tether"));
             scrub_env(&mut cmd);
             let addr = match given {
                 Some(addr) => addr,

@@ -16,6 +16,8 @@ struct DbInner {
     url: String,
 }
 
+// Starting a PostgreSQL is no default value.
+#[allow(clippy::new_without_default)]
 impl TestDb {
     /// Starts the cluster and applies the schema. Blocking; callable from
     /// async tests too (see the module docs).

@@ -1,12 +1,13 @@
-//! The end-to-end test harness: a throwaway PostgreSQL ([`TestDb`]), the
+//! tether-testkit: the end-to-end test harness, a dev-dependency of the
+//! `tether` package's tests (tests/): a throwaway PostgreSQL ([`TestDb`]), the
 //! real binaries as child processes ([`Proc`], [`WorkerProc`],
 //! [`ClusterProc`]), HTTP requests through the project's one HTTP client,
 //! `tether_client::Rest` ([`http`]; [`send_request`] alone writes raw
 //! bytes, for the hostile-input tests), a WebSocket client
 //! ([`WsClient`]), tokens ([`token`]) and condition waits ([`wait_until`]).
 //!
-//! Each test file includes it with `mod support;` (or
-//! `#[path = "support/mod.rs"] mod support;`) and uses only part of it.
+//! Each test file says `use tether_testkit::*;` and uses part of it. The
+//! binaries are the ones cargo built for the test run ([`bin`]).
 //!
 //! # Blocking vs async
 //!
@@ -50,6 +51,24 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use tokio_tungstenite::tungstenite::Message;
+
+/// A binary cargo built for this test run: next to the test executable's
+/// directory (`target/<profile>/deps/..`), where cargo puts a package's
+/// binaries before it runs that package's integration tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (`cargo test -p tether` does)",
+        path.display()
+    );
+    path
+}
 
 /// The secret every test process is started with.
 pub const TEST_SECRET: &str = "tether-test-secret-do-not-use-in-production";
