@@ -141,6 +141,11 @@ pub struct PgOptions {
     /// `None`: pick a free port (and retry with another if it gets taken
     /// before the server binds it).
     pub port: Option<u16>,
+    /// No TCP listener at all: only the Unix socket in the run directory,
+    /// which only the server's user (and root) can enter (mode 0700), so
+    /// other local users cannot reach the server (dev mode). The port then
+    /// only names the socket file.
+    pub unix_only: bool,
 }
 
 impl Default for PgOptions {
@@ -149,6 +154,7 @@ impl Default for PgOptions {
             fsync: true,
             max_connections: 200,
             port: None,
+            unix_only: false,
         }
     }
 }
@@ -290,8 +296,27 @@ impl PgCluster {
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres` (trust auth, no
     /// password).
+    ///
+    /// With [`PgOptions::unix_only`], the connection string of the Unix
+    /// socket instead: `host=RUN_DIR port=PORT user=postgres dbname=postgres`.
     pub fn url(&self) -> String {
+        if self.opts.unix_only {
+            let dir = self
+                .run_dir
+                .to_string_lossy()
+                .replace('\\', "\\\\")
+                .replace('\'', "\\'");
+            return format!(
+                "host='{dir}' port={} user={PG_USER} dbname=postgres",
+                self.port
+            );
+        }
         format!("postgres://{PG_USER}@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The directory of the Unix socket (mode 0700, the server's user's).
+    pub fn socket_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     pub fn port(&self) -> u16 {
@@ -369,12 +394,24 @@ impl PgCluster {
         let log_offset = fs::metadata(&self.log_file).map(|m| m.len()).unwrap_or(0);
         let socket_dirs = if self.unix_socket {
             self.run_dir.to_string_lossy().into_owned()
+        } else if self.opts.unix_only {
+            return Err(PgError::StartFailed {
+                dir: self.data_dir.clone(),
+                port,
+                reason: format!(
+                    "the socket path under {} is too long for a Unix socket",
+                    self.run_dir.display()
+                ),
+                log_tail: String::new(),
+            });
         } else {
             String::new()
         };
+        let listen = if self.opts.unix_only { "" } else { "127.0.0.1" };
         // pg_ctl hands -o to /bin/sh, hence the quoting.
         let mut o = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -c max_connections={} -c {}",
+            "-c {} -c port={port} -c max_connections={} -c {} -c unix_socket_permissions=0700",
+            sh_quote(&format!("listen_addresses={listen}")),
             self.opts.max_connections,
             sh_quote(&format!("unix_socket_directories={socket_dirs}")),
         );
@@ -415,10 +452,16 @@ impl PgCluster {
             });
         }
         // pg_ctl -w returned once the server reported "ready"; confirm that
-        // it is the one answering on our port.
+        // it is the one answering on our port (or socket).
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let socket = self.run_dir.join(format!(".s.PGSQL.{port}"));
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            let answered = if self.opts.unix_only {
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            } else {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+            };
+            if answered {
                 return Ok(());
             }
             if Instant::now() >= deadline || !self.is_running() {
@@ -426,7 +469,7 @@ impl PgCluster {
                 return Err(PgError::StartFailed {
                     dir: self.data_dir.clone(),
                     port,
-                    reason: "the server reported ready but does not accept TCP connections".into(),
+                    reason: "the server reported ready but does not accept connections".into(),
                     log_tail: file_tail(&self.log_file, log_offset, TAIL_LINES),
                 });
             }

@@ -152,12 +152,10 @@ pub async fn list_events(
     };
     let u = user.to_string();
     match app
-        .db(move |c| store::events_page(c, &u, conversation_id, before, after, limit + 1))
+        .db(move |c| store::events_page(c, &u, conversation_id, before, after, limit))
         .await
     {
-        Ok(mut events) => {
-            let more = events.len() as i64 > limit;
-            events.truncate(limit as usize);
+        Ok((events, more)) => {
             let last = events.last().map(|e| e.seq);
             let body = if after.is_some() {
                 json!({"events": events, "next_after_seq": if more { last } else { None }})

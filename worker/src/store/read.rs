@@ -65,8 +65,34 @@ pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, S
         .collect())
 }
 
+/// Bytes one read of events may carry (backlog pages, REST pages); the
+/// first event of a read always fits, whatever its size.
+pub const READ_BYTES: i64 = 1024 * 1024;
+
+/// An upper bound, in SQL, on the bytes of one event as a frame: JSON
+/// escapes a control character in six bytes (`\u0001`), so a body counts
+/// six times its length. `octet_length` of a stored value reads its
+/// header only (no detoasting).
+const EVENT_BYTES_SQL: &str = "(256 + 6 * coalesce(octet_length(body), 0)
+    + coalesce(octet_length(client_msg_id), 0) + coalesce(octet_length(subject), 0)
+    + 6 * coalesce(octet_length(payload::text), 0))";
+
+/// `rows` (a query of `events` ordered by seq in `order`, at most
+/// `limit`) cut to [`READ_BYTES`]: the rows whose predecessors add up to
+/// less, with `n`, how many there were before the cut, as the last column.
+fn bytes_bounded(rows: &str, order: &str) -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS}, t.n FROM (
+           SELECT w.*, count(*) OVER () AS n FROM (
+             SELECT e.*, sum({EVENT_BYTES_SQL}) OVER (ORDER BY seq {order} ROWS UNBOUNDED PRECEDING)
+                         - {EVENT_BYTES_SQL} AS before_bytes
+             FROM ({rows}) e ORDER BY seq {order}) w) t
+         WHERE t.before_bytes < {READ_BYTES} ORDER BY seq {order}"
+    )
+}
+
 /// Events of one conversation with `after < seq <= upto`, ascending, at
-/// most `limit`.
+/// most `limit`, and at most [`READ_BYTES`] (one event always).
 pub fn events_range(
     client: &mut Client,
     conversation_id: i64,
@@ -75,10 +101,11 @@ pub fn events_range(
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
     let rows = client.query(
-        &format!(
-            "SELECT {EVENT_COLUMNS} FROM events
+        &bytes_bounded(
+            "SELECT * FROM events
              WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
-             ORDER BY seq LIMIT $4"
+             ORDER BY seq LIMIT $4",
+            "ASC",
         ),
         &[&conversation_id, &after, &upto, &limit],
     )?;
@@ -146,8 +173,9 @@ pub fn history_floor(
 
 /// One page of a conversation's events for a member: newest first below
 /// `before_seq`, or oldest first above `after_seq`, never at or below the
-/// member's [`history_floor`]. Keyset pagination on the primary key
-/// (conversation_id, seq).
+/// member's [`history_floor`]; at most `limit` events and [`READ_BYTES`]
+/// (one event always). Keyset pagination on the primary key
+/// (conversation_id, seq). The flag says whether more events follow.
 pub fn events_page(
     client: &mut Client,
     user: &str,
@@ -155,31 +183,39 @@ pub fn events_page(
     before_seq: Option<i64>,
     after_seq: Option<i64>,
     limit: i64,
-) -> Result<Vec<Event>, StoreError> {
+) -> Result<(Vec<Event>, bool), StoreError> {
     let floor = history_floor(client, conversation_id, user)?;
+    // One more than asked: whether more follow.
+    let ask = limit + 1;
     let rows = match after_seq {
         Some(after) => client.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
+            &bytes_bounded(
+                "SELECT * FROM events
+                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
+                "ASC",
             ),
-            &[&conversation_id, &after.max(floor), &limit],
+            &[&conversation_id, &after.max(floor), &ask],
         )?,
         None => client.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events
+            &bytes_bounded(
+                "SELECT * FROM events
                  WHERE conversation_id = $1 AND seq < $2 AND seq > $3
-                 ORDER BY seq DESC LIMIT $4"
+                 ORDER BY seq DESC LIMIT $4",
+                "DESC",
             ),
             &[
                 &conversation_id,
                 &before_seq.unwrap_or(i64::MAX),
                 &floor,
-                &limit,
+                &ask,
             ],
         )?,
     };
-    Ok(rows.iter().map(event_from_row).collect())
+    let read: i64 = rows.first().map_or(0, |r| r.get(9));
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
+    events.truncate(limit as usize);
+    let more = read > events.len() as i64;
+    Ok((events, more))
 }
 
 /// A row of the conversation list.
