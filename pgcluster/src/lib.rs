@@ -141,11 +141,6 @@ pub struct PgOptions {
     /// `None`: pick a free port (and retry with another if it gets taken
     /// before the server binds it).
     pub port: Option<u16>,
-    /// No TCP listener at all: only the Unix socket in the run directory,
-    /// which only the server's user (and root) can enter (mode 0700), so
-    /// other local users cannot reach the server (dev mode). The port then
-    /// only names the socket file.
-    pub unix_only: bool,
 }
 
 impl Default for PgOptions {
@@ -154,7 +149,6 @@ impl Default for PgOptions {
             fsync: true,
             max_connections: 200,
             port: None,
-            unix_only: false,
         }
     }
 }
@@ -190,6 +184,11 @@ pub struct PgCluster {
     /// Whether the unix socket goes into `run_dir` (off when the path would
     /// be too long for a socket address).
     unix_socket: bool,
+    /// No TCP listener at all: only the Unix socket in the run directory,
+    /// which only the server's user (and root) can enter (mode 0700), so
+    /// other local users cannot reach the server (dev mode). The port then
+    /// only names the socket file. See [`PgCluster::start_in_unix_only`].
+    unix_only: bool,
     /// Set for [`PgCluster::start_temp`]; dropped (removing the directory)
     /// after the server is stopped.
     temp: Option<tempfile::TempDir>,
@@ -233,6 +232,18 @@ impl PgCluster {
     /// `dir/pg-run`). A server left running there by a previous owner (say
     /// a killed supervisor) is stopped first, so this one runs with `opts`.
     pub fn start_in(dir: &Path, opts: PgOptions) -> Result<PgCluster, PgError> {
+        PgCluster::start_in_with(dir, opts, false)
+    }
+
+    /// [`PgCluster::start_in`] without a TCP listener: the server answers
+    /// only on its Unix socket, in a directory (mode 0700) of the server's
+    /// user, so no other local user can reach it, whatever `pg_hba.conf`
+    /// trusts. [`PgCluster::url`] is then a socket connection string.
+    pub fn start_in_unix_only(dir: &Path, opts: PgOptions) -> Result<PgCluster, PgError> {
+        PgCluster::start_in_with(dir, opts, true)
+    }
+
+    fn start_in_with(dir: &Path, opts: PgOptions, unix_only: bool) -> Result<PgCluster, PgError> {
         let bins = PgBins::find()?;
         let run_as = run_as()?;
         if !dir.exists() {
@@ -250,6 +261,7 @@ impl PgCluster {
         })?;
         check_reachable(&root, run_as)?;
         let mut cluster = PgCluster::new(bins, run_as, opts, root);
+        cluster.unix_only = unix_only;
         cluster.prepare_run_dir()?;
         if cluster.data_dir.join("PG_VERSION").exists() {
             if cluster.is_running() {
@@ -290,6 +302,7 @@ impl PgCluster {
             run_dir,
             log_file,
             unix_socket,
+            unix_only: false,
             temp: None,
         }
     }
@@ -297,10 +310,10 @@ impl PgCluster {
     /// `postgres://postgres@127.0.0.1:PORT/postgres` (trust auth, no
     /// password).
     ///
-    /// With [`PgOptions::unix_only`], the connection string of the Unix
+    /// Without TCP ([`PgCluster::start_in_unix_only`]), the connection string of the Unix
     /// socket instead: `host=RUN_DIR port=PORT user=postgres dbname=postgres`.
     pub fn url(&self) -> String {
-        if self.opts.unix_only {
+        if self.unix_only {
             let dir = self
                 .run_dir
                 .to_string_lossy()
@@ -394,7 +407,7 @@ impl PgCluster {
         let log_offset = fs::metadata(&self.log_file).map(|m| m.len()).unwrap_or(0);
         let socket_dirs = if self.unix_socket {
             self.run_dir.to_string_lossy().into_owned()
-        } else if self.opts.unix_only {
+        } else if self.unix_only {
             return Err(PgError::StartFailed {
                 dir: self.data_dir.clone(),
                 port,
@@ -407,7 +420,7 @@ impl PgCluster {
         } else {
             String::new()
         };
-        let listen = if self.opts.unix_only { "" } else { "127.0.0.1" };
+        let listen = if self.unix_only { "" } else { "127.0.0.1" };
         // pg_ctl hands -o to /bin/sh, hence the quoting.
         let mut o = format!(
             "-c {} -c port={port} -c max_connections={} -c {} -c unix_socket_permissions=0700",
@@ -456,7 +469,7 @@ impl PgCluster {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let socket = self.run_dir.join(format!(".s.PGSQL.{port}"));
         loop {
-            let answered = if self.opts.unix_only {
+            let answered = if self.unix_only {
                 std::os::unix::net::UnixStream::connect(&socket).is_ok()
             } else {
                 TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()

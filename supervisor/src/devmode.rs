@@ -80,10 +80,9 @@ impl DevCluster {
             // server that trusts every local connection.
             let opts = PgOptions {
                 port: Some(port),
-                unix_only: true,
                 ..PgOptions::default()
             };
-            match PgCluster::start_in(&dir, opts) {
+            match PgCluster::start_in_unix_only(&dir, opts) {
                 Ok(pg) => return Ok(DevCluster { pg }),
                 Err(PgError::PortInUse { .. }) => {
                     log::info!("sup: dev mode: port {port} is busy, trying the next");

@@ -49,8 +49,17 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use tokio_tungstenite::tungstenite::Message;
 
-/// The secret every test process is started with.
-pub const TEST_SECRET: &str = "tether-test-secret-do-not-use-in-production";
+/// The secret every test process is started with: 32 random bytes in hex
+/// (a weak secret is refused at start).
+pub const TEST_SECRET: &str = "5f0c7b9e2a41d8c3b6e19f7a0d24c85e93b1a6f7c2d0e4b8a59f13c7e6d2b04a";
+
+/// What every process the harness starts gets unless a test says
+/// otherwise: the tests drive load that the default rate limits would
+/// refuse, so they run without them (`TETHER_RATE_LIMIT=0`,
+/// `TETHER_MEMBERSHIP_RATE=0`). A test of the defaults passes these
+/// variables as `""` (unset: the default applies) or flags (which win).
+pub const UNLIMITED_RATES: &[(&str, &str)] =
+    &[("TETHER_RATE_LIMIT", "0"), ("TETHER_MEMBERSHIP_RATE", "0")];
 
 /// How long a process may take to answer `/ready` with 200.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -602,6 +611,7 @@ impl WorkerProc {
                 .arg("--worker-id")
                 .arg(&worker_id)
                 .args(extra_args);
+            add_env(&mut cmd, UNLIMITED_RATES);
             add_env(&mut cmd, env);
             (cmd, addr)
         });
@@ -705,6 +715,7 @@ impl ClusterProc {
                 }
             };
             cmd.args(args);
+            add_env(&mut cmd, UNLIMITED_RATES);
             add_env(&mut cmd, env);
             (cmd, addr)
         });

@@ -205,6 +205,21 @@ fn init_logging(worker_id: &str) {
         .init();
 }
 
+/// Large frames (a flood of escaped control characters makes 258 KB
+/// ones) must not stay in the process after they are freed. glibc raises
+/// its mmap threshold after each free of a mapped block (up to 32 MiB), so
+/// such blocks end up in the heap arenas, fragmented, and are never
+/// returned; a fixed threshold keeps every block of 128 KiB or more in its
+/// own mapping, given back on free. (Only glibc has `mallopt`.)
+fn return_large_blocks_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before the
+    // runtime's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// The `tether-worker` entry point: parse the command line, get the
 /// socket, run.
 pub fn main() -> ExitCode {
@@ -245,6 +260,7 @@ where
         },
     };
     init_logging(&config.worker_id);
+    return_large_blocks_to_the_os();
     #[cfg(feature = "fault-injection")]
     if std::env::var("TETHER_FAULT").as_deref() == Ok("die-at-start") {
         log::error!("fault injection: dying at start");
