@@ -202,3 +202,32 @@ async fn control_character_flood_stays_within_the_cache_bound() {
         after.saturating_sub(baseline) / MIB
     );
 }
+
+/// Large events reach another worker through its catch-up reads of the
+/// log, which stop at 1 MiB per conversation and continue where they
+/// stopped: everything arrives, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_cross_workers_in_byte_bounded_reads() {
+    const N: usize = 60;
+    let db = TestDb::new_async().await;
+    let a = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--rate-limit", "0"], &[]);
+    let b = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--rate-limit", "0"], &[]);
+    let c = create_conversation(a.addr(), "alice", &["bob"]).await;
+    let body = "\u{1}".repeat(43_000);
+    let frames: Vec<String> = (0..N)
+        .map(|i| {
+            json!({"type":"send","conversation_id":c,"body":body,"client_msg_id":format!("x{i}")})
+                .to_string()
+        })
+        .collect();
+    let last = 1 + N as i64;
+    let progress: Progress = Arc::new((0..2).map(|_| AtomicI64::new(0)).collect());
+    let bob_url = format!("{}?token={}", b.ws_url(), tok("bob"));
+    let alice_url = format!("{}?token={}", a.ws_url(), tok("alice"));
+    let bob = tokio::spawn(read_flood(bob_url, last, Some((progress.clone(), 0)), None));
+    let alice = read_flood(alice_url, last, Some((progress.clone(), 1)), Some(frames)).await;
+    assert_eq!(alice, (last, N));
+    assert_eq!(bob.await.unwrap().0, last);
+    let reads = metric(&metrics_of(b.addr()).await, "tether_catchup_reads_total");
+    assert!(reads >= 1.0, "bob's worker read the log: {reads}");
+}

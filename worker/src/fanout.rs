@@ -353,8 +353,10 @@ impl Shell {
                 .get()
                 .map_err(StoreError::from)
                 .and_then(|mut c| store::events_after_many(&mut c, &positions, FETCH_LIMIT as i64));
+            let mut more = Vec::new();
             let events = match read {
-                Ok(events) => {
+                Ok((events, cut)) => {
+                    more = cut;
                     let now = Instant::now();
                     Some(
                         events
@@ -372,6 +374,14 @@ impl Shell {
                 }
             };
             let _ = tx.blocking_send(Msg::Rules(Input::Fetched { positions, events }));
+            // A read cut short by its byte bound: the rest is read next,
+            // as for a hint of a later event.
+            for (conversation_id, last) in more {
+                let _ = tx.blocking_send(Msg::Rules(Input::Hint {
+                    conversation_id,
+                    upto: last + 1,
+                }));
+            }
         });
     }
 }

@@ -114,28 +114,46 @@ pub fn events_range(
 
 /// Events after a position in each of several conversations (catch-up
 /// reads of the fan-out), ascending per conversation, at most `limit_each`
-/// per conversation.
+/// and [`READ_BYTES`] per conversation (one event always). Also returns
+/// the conversations cut short by bytes, each with the last seq read:
+/// more events follow there.
 pub fn events_after_many(
     client: &mut Client,
     positions: &[(i64, i64)],
     limit_each: i64,
-) -> Result<Vec<Event>, StoreError> {
+) -> Result<(Vec<Event>, Vec<(i64, i64)>), StoreError> {
     if positions.is_empty() {
-        return Ok(vec![]);
+        return Ok((vec![], vec![]));
     }
     let (c, s): (Vec<i64>, Vec<i64>) = positions.iter().copied().unzip();
+    let each = bytes_bounded(
+        "SELECT * FROM events WHERE conversation_id = p.c AND seq > p.s
+         ORDER BY seq LIMIT $3",
+        "ASC",
+    );
     let rows = client.query(
         &format!(
             "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
-             LATERAL (SELECT {EVENT_COLUMNS} FROM events
-                      WHERE conversation_id = p.c AND seq > p.s
-                      ORDER BY seq LIMIT $3) AS e"
+             LATERAL ({each}) AS e"
         ),
         &[&c, &s, &limit_each],
     )?;
+    // Rows read per conversation before the byte cut, and kept.
+    let mut counts: std::collections::HashMap<i64, (i64, i64, i64)> = Default::default();
+    for r in &rows {
+        let entry = counts.entry(r.get(0)).or_insert((r.get(9), 0, 0));
+        entry.1 += 1;
+        entry.2 = entry.2.max(r.get(1));
+    }
+    let mut cut: Vec<(i64, i64)> = counts
+        .into_iter()
+        .filter(|(_, (read, kept, _))| kept < read)
+        .map(|(c, (_, _, last))| (c, last))
+        .collect();
+    cut.sort_unstable();
     let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
     events.sort_by_key(|e| (e.conversation_id, e.seq));
-    Ok(events)
+    Ok((events, cut))
 }
 
 /// Whether `user` is a member of the conversation.
