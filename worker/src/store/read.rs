@@ -112,6 +112,10 @@ pub fn events_range(
     Ok(rows.iter().map(event_from_row).collect())
 }
 
+/// A catch-up read: the events, and `(conversation, last seq read)` of
+/// each conversation cut short by the byte bound.
+pub type CatchUp = (Vec<Event>, Vec<(i64, i64)>);
+
 /// Events after a position in each of several conversations (catch-up
 /// reads of the fan-out), ascending per conversation, at most `limit_each`
 /// and [`READ_BYTES`] per conversation (one event always). Also returns
@@ -121,7 +125,7 @@ pub fn events_after_many(
     client: &mut Client,
     positions: &[(i64, i64)],
     limit_each: i64,
-) -> Result<(Vec<Event>, Vec<(i64, i64)>), StoreError> {
+) -> Result<CatchUp, StoreError> {
     if positions.is_empty() {
         return Ok((vec![], vec![]));
     }
