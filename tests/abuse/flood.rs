@@ -88,7 +88,11 @@ async fn read_flood(
             .expect("the flood stalled")
             .expect("connection ended")
             .expect("read");
-        let Message::Text(t) = m else { continue };
+        let t = match m {
+            Message::Text(t) => t,
+            Message::Close(frame) => panic!("closed by the server: {frame:?}"),
+            _ => continue,
+        };
         if let Some(seq) = seq_of(t.as_str()) {
             assert_eq!(seq, next, "in order, no gaps");
             if let Some((p, slot)) = &progress {
@@ -230,4 +234,47 @@ async fn large_events_cross_workers_in_byte_bounded_reads() {
     assert_eq!(bob.await.unwrap().0, last);
     let reads = metric(&metrics_of(b.addr()).await, "tether_catchup_reads_total");
     assert!(reads >= 1.0, "bob's worker read the log: {reads}");
+}
+
+/// A client that stops reading is cut (1013) once its queue holds
+/// `--outbound-queue-bytes`, long before `--outbound-queue` events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_full_of_large_events_is_cut_by_its_bytes() {
+    const N: usize = 100;
+    let db = TestDb::new_async().await;
+    // bob's worker has the small queue; alice sends through another one
+    // (her own queue keeps the default).
+    let w = WorkerProc::spawn(
+        &db.url(),
+        TEST_SECRET,
+        &["--outbound-queue-bytes", "1048576"],
+        &[],
+    );
+    let a = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--rate-limit", "0"], &[]);
+    let c = create_conversation(a.addr(), "alice", &["bob"]).await;
+    let mut bob = WsClient::connect(&w.ws_url(), &tok("bob")).await.unwrap();
+    bob.read_until_synced(T).await;
+    // bob reads nothing while 100 events of 258 KB (25 MB) are queued for
+    // him: far fewer than the 4096 events of --outbound-queue.
+    let body = "\u{1}".repeat(43_000);
+    let frames: Vec<String> = (0..N)
+        .map(|i| {
+            json!({"type":"send","conversation_id":c,"body":body,"client_msg_id":format!("q{i}")})
+                .to_string()
+        })
+        .collect();
+    let progress: Progress = Arc::new(vec![AtomicI64::new(0)]);
+    let alice_url = format!("{}?token={}", a.ws_url(), tok("alice"));
+    let last = 1 + N as i64;
+    assert_eq!(
+        read_flood(alice_url, last, Some((progress, 0)), Some(frames)).await,
+        (last, N)
+    );
+    let m = metrics_of(w.addr()).await;
+    assert_eq!(
+        metric(&m, "tether_slow_client_closes_total"),
+        1.0,
+        "bob was cut"
+    );
+    assert_eq!(bob.wait_close(Duration::from_secs(60)).await, Some(1013));
 }
