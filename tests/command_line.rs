@@ -119,21 +119,21 @@ fn bad_command_lines_exit_2_and_say_why() {
 #[test]
 fn token_prints_a_token_signed_with_the_secret() {
     for args in [
-        &["token", "alice", "--secret", "k", "--ttl", "60"][..],
-        &["--secret", "k", "token", "alice"][..],
+        &["token", "alice", "--secret", TEST_SECRET, "--ttl", "60"][..],
+        &["--secret", TEST_SECRET, "token", "alice"][..],
     ] {
         let out = run(TETHER, args, &[]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         let token = text(&out.stdout);
         assert_eq!(
-            auth::verify(&Secret::new(b"k".to_vec()), token.trim()).unwrap(),
+            auth::verify(&Secret::new(TEST_SECRET.as_bytes().to_vec()), token.trim()).unwrap(),
             "alice"
         );
     }
-    let out = run(TETHER, &["token", "bob"], &[("TETHER_SECRET", "s")]);
+    let out = run(TETHER, &["token", "bob"], &[("TETHER_SECRET", TEST_SECRET)]);
     let token = text(&out.stdout);
     assert_eq!(
-        auth::verify(&Secret::new(b"s".to_vec()), token.trim()).unwrap(),
+        auth::verify(&Secret::new(TEST_SECRET.as_bytes().to_vec()), token.trim()).unwrap(),
         "bob"
     );
 }

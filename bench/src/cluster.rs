@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The load tool measures throughput, not the per-user limits, which
+/// would refuse its senders: spawned servers run without the send and
+/// membership rate limits (a `--worker-arg` given after these wins).
+const UNLIMITED_RATES: [&str; 4] = ["--rate-limit", "0", "--membership-rate", "0"];
+
 use tether_client::Rest;
 use tether_pgcluster::{PgCluster, PgOptions};
 
@@ -143,6 +148,7 @@ impl Cluster {
                 "--secret".into(),
                 o.secret.clone(),
             ];
+            args.extend(UNLIMITED_RATES.iter().map(|a| a.to_string()));
             args.extend(o.worker_args.iter().cloned());
             procs.push(ServerProc::start(
                 bin,
@@ -166,6 +172,7 @@ impl Cluster {
                     "--worker-id".into(),
                     id.clone(),
                 ];
+                args.extend(UNLIMITED_RATES.iter().map(|a| a.to_string()));
                 args.extend(o.worker_args.iter().cloned());
                 procs.push(ServerProc::start(bin.clone(), args, addr, id, logs.path())?);
             }

@@ -186,6 +186,11 @@ pub struct PgCluster {
     /// Whether the unix socket goes into `run_dir` (off when the path would
     /// be too long for a socket address).
     unix_socket: bool,
+    /// No TCP listener at all: only the Unix socket in the run directory,
+    /// which only the server's user (and root) can enter (mode 0700), so
+    /// other local users cannot reach the server (dev mode). The port then
+    /// only names the socket file. See [`PgCluster::start_in_unix_only`].
+    unix_only: bool,
     /// Set for [`PgCluster::start_temp`]; dropped (removing the directory)
     /// after the server is stopped.
     temp: Option<tempfile::TempDir>,
@@ -229,6 +234,18 @@ impl PgCluster {
     /// `dir/pg-run`). A server left running there by a previous owner (say
     /// a killed supervisor) is stopped first, so this one runs with `opts`.
     pub fn start_in(dir: &Path, opts: PgOptions) -> Result<PgCluster, PgError> {
+        PgCluster::start_in_with(dir, opts, false)
+    }
+
+    /// [`PgCluster::start_in`] without a TCP listener: the server answers
+    /// only on its Unix socket, in a directory (mode 0700) of the server's
+    /// user, so no other local user can reach it, whatever `pg_hba.conf`
+    /// trusts. [`PgCluster::url`] is then a socket connection string.
+    pub fn start_in_unix_only(dir: &Path, opts: PgOptions) -> Result<PgCluster, PgError> {
+        PgCluster::start_in_with(dir, opts, true)
+    }
+
+    fn start_in_with(dir: &Path, opts: PgOptions, unix_only: bool) -> Result<PgCluster, PgError> {
         let bins = PgBins::find()?;
         let run_as = run_as()?;
         if !dir.exists() {
@@ -246,6 +263,7 @@ impl PgCluster {
         })?;
         check_reachable(&root, run_as)?;
         let mut cluster = PgCluster::new(bins, run_as, opts, root);
+        cluster.unix_only = unix_only;
         cluster.prepare_run_dir()?;
         if cluster.data_dir.join("PG_VERSION").exists() {
             if cluster.is_running() {
@@ -286,14 +304,34 @@ impl PgCluster {
             run_dir,
             log_file,
             unix_socket,
+            unix_only: false,
             temp: None,
         }
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres` (trust auth, no
     /// password).
+    ///
+    /// Without TCP ([`PgCluster::start_in_unix_only`]), the connection string of the Unix
+    /// socket instead: `host=RUN_DIR port=PORT user=postgres dbname=postgres`.
     pub fn url(&self) -> String {
+        if self.unix_only {
+            let dir = self
+                .run_dir
+                .to_string_lossy()
+                .replace('\\', "\\\\")
+                .replace('\'', "\\'");
+            return format!(
+                "host='{dir}' port={} user={PG_USER} dbname=postgres",
+                self.port
+            );
+        }
         format!("postgres://{PG_USER}@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The directory of the Unix socket (mode 0700, the server's user's).
+    pub fn socket_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     pub fn port(&self) -> u16 {
@@ -371,12 +409,24 @@ impl PgCluster {
         let log_offset = fs::metadata(&self.log_file).map(|m| m.len()).unwrap_or(0);
         let socket_dirs = if self.unix_socket {
             self.run_dir.to_string_lossy().into_owned()
+        } else if self.unix_only {
+            return Err(PgError::StartFailed {
+                dir: self.data_dir.clone(),
+                port,
+                reason: format!(
+                    "the socket path under {} is too long for a Unix socket",
+                    self.run_dir.display()
+                ),
+                log_tail: String::new(),
+            });
         } else {
             String::new()
         };
+        let listen = if self.unix_only { "" } else { "127.0.0.1" };
         // pg_ctl hands -o to /bin/sh, hence the quoting.
         let mut o = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -c max_connections={} -c {}",
+            "-c {} -c port={port} -c max_connections={} -c {} -c unix_socket_permissions=0700",
+            sh_quote(&format!("listen_addresses={listen}")),
             self.opts.max_connections,
             sh_quote(&format!("unix_socket_directories={socket_dirs}")),
         );
@@ -417,10 +467,16 @@ impl PgCluster {
             });
         }
         // pg_ctl -w returned once the server reported "ready"; confirm that
-        // it is the one answering on our port.
+        // it is the one answering on our port (or socket).
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let socket = self.run_dir.join(format!(".s.PGSQL.{port}"));
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            let answered = if self.unix_only {
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            } else {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+            };
+            if answered {
                 return Ok(());
             }
             if Instant::now() >= deadline || !self.is_running() {
@@ -428,7 +484,7 @@ impl PgCluster {
                 return Err(PgError::StartFailed {
                     dir: self.data_dir.clone(),
                     port,
-                    reason: "the server reported ready but does not accept TCP connections".into(),
+                    reason: "the server reported ready but does not accept connections".into(),
                     log_tail: file_tail(&self.log_file, log_offset, TAIL_LINES),
                 });
             }

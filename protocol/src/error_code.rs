@@ -20,6 +20,8 @@ pub enum ErrorCode {
     DatabaseUnavailable,
     Draining,
     TooManyConnections,
+    TooManyMembers,
+    RequestTimeout,
     Internal,
 }
 
@@ -42,6 +44,8 @@ impl ErrorCode {
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::Draining => "draining",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooManyMembers => "too_many_members",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
         }
     }
@@ -58,7 +62,8 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::InvalidField | ErrorCode::InvalidSeq => 422,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::InvalidField | ErrorCode::InvalidSeq | ErrorCode::TooManyMembers => 422,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::DatabaseUnavailable
@@ -78,5 +83,8 @@ mod tests {
         assert_eq!(ErrorCode::Forbidden.http_status(), 403);
         assert_eq!(ErrorCode::DatabaseUnavailable.http_status(), 503);
         assert_eq!(ErrorCode::InvalidField.http_status(), 422);
+        assert_eq!(ErrorCode::TooManyMembers.as_str(), "too_many_members");
+        assert_eq!(ErrorCode::TooManyMembers.http_status(), 422);
+        assert_eq!(ErrorCode::RequestTimeout.http_status(), 408);
     }
 }

@@ -73,7 +73,8 @@ pub struct Cli {
         global = true
     )]
     pub database_url: Option<String>,
-    /// HS256 token key; in dev mode generated and kept in <data-dir>/secret.
+    /// HS256 token key, at least 32 bytes (`tether secret` makes one); in
+    /// dev mode generated and kept in <data-dir>/secret.
     #[arg(
         long,
         env = "TETHER_SECRET",
@@ -130,6 +131,8 @@ pub enum Sub {
               value_parser = clap::value_parser!(u64).range(1..))]
         ttl: u64,
     },
+    /// Print a fresh random key for TETHER_SECRET (32 bytes, hex).
+    Secret,
     /// Run one worker (what the supervisor starts; see `tether worker
     /// --help`). `worker` must come first: `tether worker [OPTIONS]`.
     #[command(disable_help_flag = true)]

@@ -75,11 +75,14 @@ impl DevCluster {
         let dir = data_dir.join("pg");
         let last = DEV_PG_PORT + DEV_PG_PORTS - 1;
         for port in DEV_PG_PORT..=last {
+            // No TCP: only the Unix socket in a directory of the
+            // server's user (0700), so no other local user can reach a
+            // server that trusts every local connection.
             let opts = PgOptions {
                 port: Some(port),
                 ..PgOptions::default()
             };
-            match PgCluster::start_in(&dir, opts) {
+            match PgCluster::start_in_unix_only(&dir, opts) {
                 Ok(pg) => return Ok(DevCluster { pg }),
                 Err(PgError::PortInUse { .. }) => {
                     log::info!("sup: dev mode: port {port} is busy, trying the next");
@@ -261,7 +264,7 @@ pub fn banner(
     format!(
         "\
 tether dev mode
-  PostgreSQL: 127.0.0.1:{pg_port} (data in {pg_dir}, stopped on exit)
+  PostgreSQL: Unix socket only, {pg_dir}/pg-run/.s.PGSQL.{pg_port} (no TCP; data in {pg_dir}, stopped on exit)
   secret:     {secret_file}
 
 Token for user \"demo\" (24 h; `tether token USER` makes more):

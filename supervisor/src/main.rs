@@ -52,6 +52,10 @@ fn main() -> ExitCode {
     match &parsed.cli.command {
         Some(Sub::Token { user, ttl }) => token::main(user, *ttl, &parsed.cli),
         Some(Sub::Migrate) => devmode::migrate_main(parsed.cli.database_url.as_deref()),
+        Some(Sub::Secret) => {
+            println!("{}", Secret::generate_hex());
+            ExitCode::SUCCESS
+        }
         Some(Sub::Worker { .. }) => {
             eprintln!(
                 "tether: `worker` must come first, followed by worker options only: \
@@ -78,6 +82,20 @@ fn serve(parsed: &Parsed) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    // A given secret is checked before anything starts (dev mode's own is
+    // generated strong, and checked when read: the file may be edited).
+    if let Some(s) = &cfg.secret {
+        if let Err(e) = auth::check_secret(s) {
+            eprintln!("tether: {}", auth::weak_secret_message(&e));
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(path) = &parsed.cli.worker.token_public_key {
+        if let Err(e) = auth::PublicKey::from_file(path) {
+            eprintln!("tether: TETHER_TOKEN_PUBLIC_KEY (--token-public-key): {e}");
+            return ExitCode::from(2);
+        }
+    }
     if !cfg.worker_bin.is_file() {
         return fail(
             2,
@@ -126,6 +144,13 @@ fn serve(parsed: &Parsed) -> ExitCode {
     let secret = match (&cfg.secret, &dev) {
         (Some(s), _) => s.clone(),
         (None, Some(_)) => match devmode::load_or_create_secret(&cfg.data_dir) {
+            Ok((s, _)) if auth::check_secret(&s).is_err() => {
+                eprintln!(
+                    "tether: the dev-mode secret in {} is too weak; delete it and a strong one is generated",
+                    devmode::secret_path(&cfg.data_dir).display()
+                );
+                return ExitCode::from(2);
+            }
             Ok((s, created)) => {
                 if created {
                     log::info!(

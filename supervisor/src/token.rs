@@ -26,6 +26,8 @@ pub enum TokenError {
          (it creates {0})"
     )]
     NoSecret(String),
+    #[error("{}", auth::weak_secret_message(.0))]
+    Weak(auth::WeakSecret),
     #[error(transparent)]
     Dev(#[from] crate::devmode::DevError),
     #[error("signing: {0}")]
@@ -51,6 +53,7 @@ pub fn make(
         None => read_secret(data_dir)?
             .ok_or_else(|| TokenError::NoSecret(secret_path(data_dir).display().to_string()))?,
     };
+    auth::check_secret(&secret).map_err(TokenError::Weak)?;
     Ok(auth::issue(&Secret::new(secret.into_bytes()), user, ttl)?)
 }
 
@@ -80,18 +83,23 @@ mod tests {
     #[test]
     fn signs_with_the_given_secret_and_checks_the_user() {
         let dir = Path::new("/nonexistent");
-        let t = make("alice", 60, Some("k"), dir).unwrap();
+        let k = Secret::generate_hex();
+        let t = make("alice", 60, Some(&k), dir).unwrap();
         assert_eq!(
-            auth::verify(&Secret::new(b"k".to_vec()), &t).unwrap(),
+            auth::verify(&Secret::new(k.as_bytes().to_vec()), &t).unwrap(),
             "alice"
         );
         assert!(matches!(
-            make("a b", 60, Some("k"), dir),
+            make("a b", 60, Some(&k), dir),
             Err(TokenError::BadUser(_))
         ));
         assert!(matches!(
-            make("a", 0, Some("k"), dir),
+            make("a", 0, Some(&k), dir),
             Err(TokenError::BadTtl)
+        ));
+        assert!(matches!(
+            make("a", 60, Some("CHANGE-ME"), dir),
+            Err(TokenError::Weak(_))
         ));
     }
 

@@ -70,8 +70,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The secret every test process is started with.
-pub const TEST_SECRET: &str = "tether-test-secret-do-not-use-in-production";
+/// The secret every test process is started with: 32 random bytes in hex
+/// (a weak secret is refused at start).
+pub const TEST_SECRET: &str = "5f0c7b9e2a41d8c3b6e19f7a0d24c85e93b1a6f7c2d0e4b8a59f13c7e6d2b04a";
+
+/// What every process the harness starts gets unless a test says
+/// otherwise: the tests drive load that the default rate limits would
+/// refuse, so they run without them (`TETHER_RATE_LIMIT=0`,
+/// `TETHER_MEMBERSHIP_RATE=0`). A test of the defaults passes these
+/// variables as `""` (unset: the default applies) or flags (which win).
+pub const UNLIMITED_RATES: &[(&str, &str)] =
+    &[("TETHER_RATE_LIMIT", "0"), ("TETHER_MEMBERSHIP_RATE", "0")];
 
 /// How long a process may take to answer `/ready` with 200.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -308,6 +308,7 @@ impl WorkerProc {
                 .arg("--worker-id")
                 .arg(&worker_id)
                 .args(extra_args);
+            add_env(&mut cmd, UNLIMITED_RATES);
             add_env(&mut cmd, env);
             (cmd, addr)
         });
@@ -411,6 +412,7 @@ impl ClusterProc {
                 }
             };
             cmd.args(args);
+            add_env(&mut cmd, UNLIMITED_RATES);
             add_env(&mut cmd, env);
             (cmd, addr)
         });

@@ -44,7 +44,8 @@ const TETHER_BIN = process.env.TETHER_BIN || path.join(REPO, 'target/debug/tethe
 const WORKER_BIN = process.env.TETHER_WORKER_BIN || path.join(REPO, 'target/debug/tether-worker');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const ARTIFACTS = path.join(REPO, 'target/browser-test');
-const SECRET = 'tether-browser-test-secret';
+// 32 random bytes in hex: tether refuses secrets shorter than 32 bytes.
+const SECRET = '2c8e5a1f7b3d9e04c6a2f8b1d5e937a0c4f6b2d8e1a39c7f5b0d2e4a6c8f1b3d';
 const KEEP = Boolean(process.env.TETHER_TEST_KEEP);
 
 // ---------------------------------------------------------------------------

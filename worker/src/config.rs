@@ -78,7 +78,7 @@ pub struct WorkerOptions {
         long,
         env = "TETHER_RATE_LIMIT",
         value_name = "N",
-        default_value_t = 0.0
+        default_value_t = 50.0
     )]
     pub rate_limit: f64,
     /// Burst allowance of the rate limit.
@@ -86,9 +86,69 @@ pub struct WorkerOptions {
         long,
         env = "TETHER_RATE_BURST",
         value_name = "N",
-        default_value_t = 100.0
+        default_value_t = 200.0
     )]
     pub rate_burst: f64,
+    /// Conversation creates and membership changes per second per user,
+    /// per worker (sustained); 0 = unlimited.
+    #[arg(
+        long,
+        env = "TETHER_MEMBERSHIP_RATE",
+        value_name = "N",
+        default_value_t = 10.0
+    )]
+    pub membership_rate: f64,
+    /// Burst allowance of the membership rate.
+    #[arg(
+        long,
+        env = "TETHER_MEMBERSHIP_BURST",
+        value_name = "N",
+        default_value_t = 100.0
+    )]
+    pub membership_burst: f64,
+    /// Members of one conversation (422 too_many_members beyond); 0 =
+    /// unlimited.
+    #[arg(
+        long,
+        env = "TETHER_MAX_MEMBERS",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_members: usize,
+    /// Open WebSocket connections of one user, per worker (429
+    /// too_many_connections beyond); 0 = unlimited.
+    #[arg(
+        long,
+        env = "TETHER_MAX_CONNECTIONS_PER_USER",
+        value_name = "N",
+        default_value_t = 64
+    )]
+    pub max_connections_per_user: usize,
+    /// Bytes of recent frames cached per worker for backlog replays.
+    #[arg(long, env = "TETHER_RECENT_CACHE_BYTES", value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub recent_cache_bytes: usize,
+    /// Bytes of events queued for one connection before it counts as too
+    /// slow and is closed with 1013 (one event always fits).
+    #[arg(long, env = "TETHER_OUTBOUND_QUEUE_BYTES", value_name = "BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub outbound_queue_bytes: usize,
+    /// A request body must arrive whole within this (ms; 408 beyond).
+    #[arg(
+        long,
+        env = "TETHER_BODY_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub body_timeout_ms: u64,
+    /// PEM public key (RSA or EC P-256) of an identity provider whose
+    /// RS256/ES256 tokens are accepted besides HS256 ones.
+    #[arg(long, env = "TETHER_TOKEN_PUBLIC_KEY", value_name = "PATH")]
+    pub token_public_key: Option<std::path::PathBuf>,
+    /// Required `iss` of every token, when set.
+    #[arg(long, env = "TETHER_TOKEN_ISSUER", value_name = "ISS")]
+    pub token_issuer: Option<String>,
+    /// Required `aud` of every token (or one of its values), when set.
+    #[arg(long, env = "TETHER_TOKEN_AUDIENCE", value_name = "AUD")]
+    pub token_audience: Option<String>,
     /// Read connections in each worker's database pool.
     #[arg(long, env = "TETHER_POOL_SIZE", value_name = "N", default_value_t = 16)]
     pub pool_size: u32,
@@ -203,7 +263,8 @@ pub struct WorkerArgs {
     /// PostgreSQL URL (the shared event log).
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
     pub database_url: String,
-    /// HS256 key that signs and checks client tokens.
+    /// HS256 key that signs and checks client tokens (at least 32 bytes;
+    /// `tether secret` makes one).
     #[arg(
         long,
         env = "TETHER_SECRET",
@@ -254,6 +315,26 @@ pub struct WorkerConfig {
     pub rate_limit: f64,
     /// Burst allowance of the rate limit.
     pub rate_burst: f64,
+    /// Membership writes per second per user (sustained), 0 = unlimited.
+    pub membership_rate: f64,
+    /// Burst allowance of the membership rate.
+    pub membership_burst: f64,
+    /// Members of one conversation, 0 = unlimited.
+    pub max_members: usize,
+    /// Open WebSocket connections of one user, 0 = unlimited.
+    pub max_connections_per_user: usize,
+    /// Bytes of the recent-frames cache.
+    pub recent_cache_bytes: usize,
+    /// Bytes queued for one connection before 1013.
+    pub outbound_queue_bytes: usize,
+    /// A request body must arrive within this (408 beyond).
+    pub body_timeout: Duration,
+    /// An identity provider's public key (RS256/ES256), a PEM file.
+    pub token_public_key: Option<std::path::PathBuf>,
+    /// Required `iss`.
+    pub token_issuer: Option<String>,
+    /// Required `aud`.
+    pub token_audience: Option<String>,
     /// Serve the demo chat page at `/demo/`.
     pub demo: bool,
     pub log_format: crate::logging::LogFormat,
@@ -297,6 +378,16 @@ impl WorkerArgs {
             max_inflight: o.max_inflight.max(1),
             rate_limit: o.rate_limit,
             rate_burst: o.rate_burst,
+            membership_rate: o.membership_rate,
+            membership_burst: o.membership_burst,
+            max_members: o.max_members,
+            max_connections_per_user: o.max_connections_per_user,
+            recent_cache_bytes: o.recent_cache_bytes,
+            outbound_queue_bytes: o.outbound_queue_bytes,
+            body_timeout: Duration::from_millis(o.body_timeout_ms),
+            token_public_key: o.token_public_key,
+            token_issuer: o.token_issuer,
+            token_audience: o.token_audience,
             demo: o.demo,
             log_format: o.log_format,
             read_database_url: o.read_database_url,
@@ -353,8 +444,16 @@ mod tests {
         assert_eq!(c.commit_lanes, 2);
         assert_eq!(c.max_batch, 512);
         assert_eq!(c.max_inflight, 256);
-        assert_eq!(c.rate_limit, 0.0);
-        assert_eq!(c.rate_burst, 100.0);
+        assert_eq!(c.rate_limit, 50.0);
+        assert_eq!(c.rate_burst, 200.0);
+        assert_eq!(c.membership_rate, 10.0);
+        assert_eq!(c.membership_burst, 100.0);
+        assert_eq!(c.max_members, 10_000);
+        assert_eq!(c.max_connections_per_user, 64);
+        assert_eq!(c.recent_cache_bytes, 64 << 20);
+        assert_eq!(c.outbound_queue_bytes, 8 << 20);
+        assert_eq!(c.body_timeout, Duration::from_millis(10_000));
+        assert_eq!(c.token_public_key, None);
         assert!(c.demo);
     }
 

@@ -173,13 +173,11 @@ pub async fn list_events(
     };
     match app
         .db_history(conversation_id, last, move |c| {
-            store::page_events(c, conversation_id, floor, before, after, limit + 1)
+            store::page_events(c, conversation_id, floor, before, after, limit)
         })
         .await
     {
-        Ok(mut events) => {
-            let more = events.len() as i64 > limit;
-            events.truncate(limit as usize);
+        Ok((events, more)) => {
             let last = events.last().map(|e| e.seq);
             let body = if after.is_some() {
                 json!({"events": events, "next_after_seq": if more { last } else { None }})

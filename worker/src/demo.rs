@@ -17,6 +17,17 @@ const APP_JS: &str = include_str!("../../demo/app.js");
 const STYLE_CSS: &str = include_str!("../../demo/style.css");
 const SDK_JS: &str = include_str!("../../clients/js/src/index.js");
 
+/// The headers on every file of the demo (a favicon of `data:` is the one
+/// thing the page loads that is not from this origin).
+pub const PROTECTIVE_HEADERS: &[(&str, &str)] = &[
+    (
+        "content-security-policy",
+        "default-src 'self'; connect-src 'self'; frame-ancestors 'none'; img-src 'self' data:",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+];
+
 /// The response for a path under `/demo/`, or `None` if there is no such file.
 pub fn serve(path: &str) -> Option<Response<Body>> {
     let (body, ctype) = match path {
@@ -38,14 +49,11 @@ pub fn serve(path: &str) -> Option<Response<Body>> {
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
     r.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // The page talks only to this origin; nothing else may load.
-    r.headers_mut().insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; style-src 'self'",
-        ),
-    );
-    r.headers_mut()
-        .insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    // The page talks only to this origin; nothing else may load it or
+    // frame it, no type is sniffed, no referrer leaves.
+    for (name, value) in PROTECTIVE_HEADERS {
+        r.headers_mut()
+            .insert(*name, HeaderValue::from_static(value));
+    }
     Some(r)
 }

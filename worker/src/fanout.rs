@@ -37,7 +37,7 @@ use crate::recent::RecentFrames;
 use crate::store::{self, DbSettings, Notice, NoticeKey, Pool, StoreError, NOTIFY_CHANNEL};
 use postgres::fallible_iterator::FallibleIterator;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -60,11 +60,28 @@ pub enum ConnMsg {
     },
 }
 
+/// What a connection and the dispatcher share about its queue.
+#[derive(Default)]
+pub struct QueueState {
+    /// Set when the connection is cut for being slow.
+    pub cut: AtomicBool,
+    /// Bytes of event text queued and not yet taken by the connection.
+    pub queued_bytes: AtomicUsize,
+}
+
+impl QueueState {
+    /// The connection took `msg` off its queue.
+    pub fn taken(&self, msg: &ConnMsg) {
+        if let ConnMsg::Event(f) = msg {
+            self.queued_bytes.fetch_sub(f.text.len(), Ordering::AcqRel);
+        }
+    }
+}
+
 /// Where the dispatcher reaches one connection.
 struct Outlet {
     tx: mpsc::Sender<ConnMsg>,
-    /// Set when the connection is cut for being slow.
-    cut: Arc<AtomicBool>,
+    state: Arc<QueueState>,
 }
 
 enum Msg {
@@ -72,7 +89,7 @@ enum Msg {
         conn: ConnId,
         user: Arc<str>,
         tx: mpsc::Sender<ConnMsg>,
-        cut: Arc<AtomicBool>,
+        state: Arc<QueueState>,
     },
     Rules(Input),
 }
@@ -94,6 +111,7 @@ impl Dispatcher {
         key: NoticeKey,
         metrics: Arc<Metrics>,
         worker_id: &str,
+        queue_bytes: usize,
     ) -> Dispatcher {
         let (tx, rx) = mpsc::channel(INBOX);
         let (alive_tx, alive_rx) = watch::channel(true);
@@ -104,6 +122,7 @@ impl Dispatcher {
             recent,
             metrics: metrics.clone(),
             self_tx: tx.clone(),
+            queue_bytes,
         };
         tokio::spawn(shell.run(rx));
         let listen_tx = tx.clone();
@@ -148,7 +167,7 @@ impl Dispatcher {
         conn: ConnId,
         user: Arc<str>,
         tx: mpsc::Sender<ConnMsg>,
-        cut: Arc<AtomicBool>,
+        state: Arc<QueueState>,
     ) {
         let _ = self
             .tx
@@ -156,7 +175,7 @@ impl Dispatcher {
                 conn,
                 user,
                 tx,
-                cut,
+                state,
             })
             .await;
     }
@@ -200,6 +219,8 @@ struct Shell {
     recent: Arc<RecentFrames>,
     metrics: Arc<Metrics>,
     self_tx: mpsc::Sender<Msg>,
+    /// Bytes of events queued for one connection before it is cut.
+    queue_bytes: usize,
 }
 
 impl Shell {
@@ -232,9 +253,9 @@ impl Shell {
                 conn,
                 user,
                 tx,
-                cut,
+                state,
             } => {
-                self.outlets.insert(conn, Outlet { tx, cut });
+                self.outlets.insert(conn, Outlet { tx, state });
                 self.rules.handle(Input::Register { conn, user });
             }
             Msg::Rules(input) => {
@@ -292,16 +313,28 @@ impl Shell {
         }
     }
 
-    /// Queues for a connection; a full queue cuts it: marked, its sender
-    /// dropped, so it closes with 1013 after what is queued.
+    /// Queues for a connection; a full queue (in events or in bytes; one
+    /// event always fits) cuts it: marked, its sender dropped, so it closes
+    /// with 1013 after what is queued.
     fn queue(&mut self, conn: ConnId, msg: ConnMsg) {
         let Some(outlet) = self.outlets.get(&conn) else {
             return;
         };
-        if outlet.tx.try_send(msg).is_ok() {
-            return;
+        let cost = match &msg {
+            ConnMsg::Event(f) => f.text.len(),
+            ConnMsg::Backfill { .. } => 0,
+        };
+        let queued = outlet.state.queued_bytes.load(Ordering::Acquire);
+        if queued == 0 || queued + cost <= self.queue_bytes {
+            outlet.state.queued_bytes.fetch_add(cost, Ordering::AcqRel);
+            match outlet.tx.try_send(msg) {
+                Ok(()) => return,
+                Err(_) => {
+                    outlet.state.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+                }
+            }
         }
-        outlet.cut.store(true, Ordering::Release);
+        outlet.state.cut.store(true, Ordering::Release);
         self.outlets.remove(&conn);
         self.metrics
             .slow_client_closes
@@ -320,8 +353,10 @@ impl Shell {
                 .get()
                 .map_err(StoreError::from)
                 .and_then(|mut c| store::events_after_many(&mut c, &positions, FETCH_LIMIT as i64));
+            let mut more = Vec::new();
             let events = match read {
-                Ok(events) => {
+                Ok((events, cut)) => {
+                    more = cut;
                     let now = Instant::now();
                     Some(
                         events
@@ -339,6 +374,14 @@ impl Shell {
                 }
             };
             let _ = tx.blocking_send(Msg::Rules(Input::Fetched { positions, events }));
+            // A read cut short by its byte bound: the rest is read next,
+            // as for a hint of a later event.
+            for (conversation_id, last) in more {
+                let _ = tx.blocking_send(Msg::Rules(Input::Hint {
+                    conversation_id,
+                    upto: last + 1,
+                }));
+            }
         });
     }
 }

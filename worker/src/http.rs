@@ -9,7 +9,7 @@
 
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer};
-use crate::respond::{error_response, fail, Body};
+use crate::respond::{error_response, fail, retry_response, Body};
 use crate::routes::{ConversationRef, Route};
 use crate::{conversations, demo, members, probes, upgrade, App};
 use hyper::body::Incoming;
@@ -18,6 +18,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_protocol::error_code::ErrorCode;
 use tokio::net::TcpListener;
@@ -106,6 +107,25 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     let query = req.uri().query().map(str::to_owned);
     let query = query.as_deref();
+    // Conversation creates and membership changes: per user, per worker.
+    let membership_write = matches!(
+        (&method, &route),
+        (&Method::POST, Route::Conversations)
+            | (&Method::POST, Route::Members(_))
+            | (&Method::DELETE, Route::Member(..))
+            | (&Method::PATCH, Route::Member(..))
+    );
+    if membership_write {
+        if let Err(secs) = app.membership_rate.check(&user) {
+            app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return retry_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many membership changes; slow down",
+                secs,
+            );
+        }
+    }
     match (method, route) {
         (Method::POST, Route::Conversations) => members::create(app, user, req).await,
         (Method::GET, Route::Conversations) => {

@@ -77,7 +77,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_protocol::auth::Secret;
+use tether_protocol::auth::{self, PublicKey, Secret, Verifier};
 use tokio::net::TcpListener;
 
 /// Everything a request or connection handler needs, shared by `Arc`.
@@ -85,7 +85,9 @@ pub struct App {
     pub config: WorkerConfig,
     /// The read replica for history, when configured.
     pub replica: Option<Pool>,
-    pub secret: Secret,
+    /// Checks client tokens (HS256 under the secret; RS256/ES256 under a
+    /// configured public key).
+    pub verifier: Verifier,
     /// Authenticates the notifications this worker sends.
     pub notice_key: NoticeKey,
     pub pool: Pool,
@@ -97,6 +99,10 @@ pub struct App {
     pub phase: PhaseCell,
     pub cluster: Arc<ClusterView>,
     pub rate: RateLimiter,
+    /// Conversation creates and membership changes, per user.
+    pub membership_rate: RateLimiter,
+    /// Open WebSocket connections per user (the per-user cap).
+    pub user_conns: Arc<upgrade::UserConnections>,
     pub recent: Arc<recent::RecentFrames>,
     next_conn: AtomicU64,
     /// The schema is up to date (migrations applied): `/ready` waits for it.
@@ -227,6 +233,21 @@ fn checkout(pool: &Pool, metrics: &Metrics) -> Result<store::PooledClient, store
     Ok(conn?)
 }
 
+/// Large frames (a flood of escaped control characters makes 258 KB
+/// ones) must not stay in the process after they are freed. glibc raises
+/// its mmap threshold after each free of a mapped block (up to 32 MiB), so
+/// such blocks end up in the heap arenas, fragmented, and are never
+/// returned; a fixed threshold keeps every block of 128 KiB or more in its
+/// own mapping, given back on free. (Only glibc has `mallopt`.)
+fn return_large_blocks_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before the
+    // runtime's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// The `tether-worker` entry point: parse the command line, get the
 /// socket, run.
 pub fn main() -> ExitCode {
@@ -250,7 +271,24 @@ where
         // Help and version to stdout (exit 0), errors to stderr (exit 2).
         Err(e) => e.exit(),
     };
+    // A weak secret or an unusable key: one line, exit 2, before anything
+    // starts (the secret's value is never printed).
+    if let Err(e) = auth::check_secret(&config.secret) {
+        eprintln!("{bin_name}: {}", auth::weak_secret_message(&e));
+        return ExitCode::from(2);
+    }
+    let public_key = match &config.token_public_key {
+        None => None,
+        Some(path) => match PublicKey::from_file(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("{bin_name}: TETHER_TOKEN_PUBLIC_KEY (--token-public-key): {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     logging::init(&config.worker_id, config.log_format);
+    return_large_blocks_to_the_os();
     #[cfg(feature = "fault-injection")]
     if std::env::var("TETHER_FAULT").as_deref() == Ok("die-at-start") {
         log::error!("fault injection: dying at start");
@@ -282,7 +320,7 @@ where
                 return 1;
             }
         };
-        run(listener, config).await
+        run(listener, config, public_key).await
     });
     // Exit without unwinding the runtime: everything that matters is
     // committed and flushed by now, and dropping the remaining tasks (and
@@ -293,7 +331,7 @@ where
 
 /// Serves on `listener` until drained (SIGTERM/SIGINT, or the supervisor
 /// going away).
-pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
+pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option<PublicKey>) -> u8 {
     let worker = config.worker_id.clone();
     let settings = DbSettings::new(&config.database_url);
     let pool = match store::pool(
@@ -309,7 +347,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(DbHealth::new());
-    let recent = Arc::new(recent::RecentFrames::new());
+    let recent = Arc::new(recent::RecentFrames::new(config.recent_cache_bytes));
     #[cfg(feature = "fault-injection")]
     if std::env::var_os("TETHER_FAULT_NO_RECENT_CACHE").is_some() {
         recent.disable();
@@ -322,6 +360,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
         key.clone(),
         metrics.clone(),
         &worker,
+        config.outbound_queue_bytes,
     );
     let committer = Committer::start(
         settings.named(&format!("tether-commit {worker}")),
@@ -348,10 +387,23 @@ pub async fn run(listener: TcpListener, config: WorkerConfig) -> u8 {
             }
         },
     };
+    let membership_rate = RateLimiter::new(config.membership_rate, config.membership_burst);
+    if let Some(k) = &public_key {
+        log::info!(
+            "accepting {} tokens under the configured public key",
+            k.algorithm()
+        );
+    }
+    let verifier = Verifier::hs256(Secret::new(config.secret.clone().into_bytes()))
+        .with_public_key(public_key)
+        .with_issuer(config.token_issuer.clone())
+        .with_audience(config.token_audience.clone());
     let app = Arc::new(App {
         replica,
         notice_key: key,
-        secret: Secret::new(config.secret.clone().into_bytes()),
+        verifier,
+        membership_rate,
+        user_conns: Arc::new(upgrade::UserConnections::default()),
         config,
         pool,
         committer,

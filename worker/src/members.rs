@@ -79,6 +79,10 @@ pub async fn create(app: Arc<App>, user: Arc<str>, req: Request<Incoming>) -> Re
     if members.len() > store::MAX_INITIAL_MEMBERS {
         return invalid("too many members");
     }
+    let max = app.config.max_members;
+    if max > 0 && members.iter().filter(|m| m.as_str() != &*user).count() + 1 > max {
+        return store_error_response(&StoreError::TooManyMembers(max));
+    }
     let title = match body.get("title") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) if s.chars().count() <= 200 && !s.contains('\0') => s.clone(),
@@ -137,8 +141,9 @@ pub async fn add(
     };
     let actor = user.to_string();
     let m = member.clone();
+    let max_members = app.config.max_members;
     let change = match commit_and_announce(&app, move |c, key| {
-        store::add_member(c, key, &actor, conversation_id, &m, role)
+        store::add_member(c, key, &actor, conversation_id, &m, role, max_members)
     })
     .await
     {

@@ -1,7 +1,7 @@
 //! What a request carries: its token, query parameters, JSON body, and
 //! the checks every route shares (body size, message body).
 
-use crate::respond::{error_response, Body};
+use crate::respond::{error_response, fail, Body};
 use crate::App;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -10,7 +10,6 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tether_protocol::auth;
 use tether_protocol::error_code::ErrorCode;
 
 /// Largest request body read (JSON around a message body of the maximum size).
@@ -65,7 +64,7 @@ pub fn bearer(req: &Request<Incoming>) -> Option<String> {
 /// never logged.
 pub fn authenticate(app: &App, token: Option<String>) -> Result<Arc<str>, Response<Body>> {
     let token = token.unwrap_or_default();
-    match auth::verify(&app.secret, &token) {
+    match app.verifier.verify(&token) {
         Ok(user) => Ok(Arc::from(user)),
         Err(e) => {
             app.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -99,7 +98,23 @@ pub async fn read_json(
             ));
         }
     }
-    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+    // The whole body within the body timeout: a body trickled in holds
+    // nothing of ours for longer (408, and the connection is closed).
+    let collected = tokio::time::timeout(
+        app.config.body_timeout,
+        Limited::new(req.into_body(), limit).collect(),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        let mut r = fail(
+            ErrorCode::RequestTimeout,
+            "the request body did not arrive in time",
+        );
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
+    };
+    let bytes = match collected {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -1,25 +1,75 @@
 //! The WebSocket upgrade of `GET /v1/ws`: the token (header,
 //! subprotocol, or `?token=`) is checked before anything else, then the
 //! handshake, the worker's limits and the socket's buffers; the
-//! connection itself runs in [`crate::ws`].
+//! connection itself runs in [`crate::ws`]. It also owns the per-user
+//! connection count ([`UserConnections`]).
 
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer, query_param};
-use crate::respond::{error_response, json_response, Body};
+use crate::respond::{error_response, json_response, retry_response, Body};
 use crate::ws::Connection;
 use crate::App;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+/// Open WebSocket connections per user on this worker.
+#[derive(Default)]
+pub struct UserConnections {
+    open: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+impl UserConnections {
+    /// A slot for one more connection of `user`, unless `cap` (0 =
+    /// unlimited) are open; the slot is given back when dropped.
+    pub fn acquire(self: &Arc<Self>, user: &Arc<str>, cap: usize) -> Option<UserSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(user.clone()).or_insert(0);
+        if cap > 0 && *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            owner: self.clone(),
+            user: user.clone(),
+        })
+    }
+
+    /// Open connections of `user`.
+    pub fn count(&self, user: &str) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(user).copied().unwrap_or(0)
+    }
+}
+
+/// One open connection of a user; dropping it gives the slot back.
+pub struct UserSlot {
+    owner: Arc<UserConnections>,
+    user: Arc<str>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
 /// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
-/// 503 when draining or full, 400 for a request that is not a WebSocket
+/// 429 when the user has too many connections here, 503 when draining or
+/// full, 400 for a request that is not a WebSocket
 /// handshake; otherwise 101 and the connection runs in its own task.
 pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let offered = Subprotocols::offered(&req);
@@ -65,10 +115,30 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             "this worker is draining; reconnect",
         );
     }
+    // The user's slot first: one user cannot take every connection.
+    let Some(user_slot) = app
+        .user_conns
+        .acquire(&user, app.config.max_connections_per_user)
+    else {
+        app.metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "user={user}: refused, {} connections open on this worker",
+            app.config.max_connections_per_user
+        );
+        return retry_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            "too many connections of this user on this worker",
+            1,
+        );
+    };
     // Reserve the slot now so concurrent upgrades cannot overshoot.
     let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
     if open as usize >= app.config.max_connections {
         app.live_conns.fetch_sub(1, Ordering::AcqRel);
+        drop(user_slot);
         app.metrics
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
@@ -104,6 +174,7 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             }
             Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
         }
+        drop(user_slot);
         app.live_conns.fetch_sub(1, Ordering::AcqRel);
     };
     // An idle connection costs this task (about 2.3 KB of future state),
@@ -156,5 +227,26 @@ impl Subprotocols {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_per_user_and_given_back() {
+        let conns = Arc::new(UserConnections::default());
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let first = conns.acquire(&a, 2).unwrap();
+        let _second = conns.acquire(&a, 2).unwrap();
+        assert!(conns.acquire(&a, 2).is_none());
+        assert!(conns.acquire(&b, 2).is_some(), "other users are unaffected");
+        drop(first);
+        assert_eq!(conns.count("a"), 1);
+        assert!(conns.acquire(&a, 2).is_some());
+        let many: Vec<_> = (0..100).map(|_| conns.acquire(&b, 0).unwrap()).collect();
+        drop(many);
+        assert_eq!(conns.count("b"), 0);
     }
 }

@@ -16,7 +16,8 @@ use tether_client::{Client, ClientEvent, ClientOptions, Event, Rest};
 use tether_pgcluster::{PgCluster, PgOptions};
 use tether_protocol::auth::{self, Secret};
 
-pub const SECRET: &str = "tether-client-test-secret";
+/// 32 random bytes in hex: a worker refuses a weak secret at start.
+pub const SECRET: &str = "a3f19c0e7d5b2846e1c97f30b5d2a86c4e09f7b1d3c5a2e8f6b40d9c1e7a3b52";
 pub const T: Duration = Duration::from_secs(60);
 
 pub fn token(user: &str) -> String {
@@ -88,6 +89,8 @@ impl Worker {
         let child = Command::new(worker_bin())
             .args(["--listen", &addr.to_string(), "--database-url", db_url])
             .args(["--secret", SECRET, "--worker-id", id])
+            // The scenarios drive more than the default per-user rates.
+            .args(["--rate-limit", "0", "--membership-rate", "0"])
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -22,7 +22,8 @@ import { fileURLToPath } from 'node:url';
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const REPO = path.resolve(here, '../../..');
 export const BIN_DIR = process.env.TETHER_BIN_DIR || path.join(REPO, 'target', 'debug');
-export const SECRET = 'tether-js-sdk-test-secret';
+// 32 random bytes in hex: tether refuses secrets shorter than 32 bytes.
+export const SECRET = '9d3b6f1e84a2c750e1f9b38d6a04c2e7f5b81d39a6c0e4f2b7d95a13c8e06f4b';
 
 const PG_BIN_CANDIDATES = ['/usr/lib/postgresql/17/bin', '/usr/lib/postgresql/16/bin', '/usr/lib/postgresql/15/bin'];
 
@@ -334,6 +335,11 @@ export class Cluster {
         '50',
         '--restart-backoff-max-ms',
         '500',
+        // The suites drive load the default per-user rate limits would refuse.
+        '--rate-limit',
+        '0',
+        '--membership-rate',
+        '0',
         ...extraArgs,
       ],
       {

@@ -197,7 +197,8 @@ pub fn create_conversation(
 /// Adds `user` with `role` (`Member`, or `Admin` when the actor is the
 /// owner) to a conversation the actor belongs to. Appends
 /// `member.joined`; the new member's cursor starts just before it.
-/// Adding an existing member changes nothing.
+/// Adding an existing member changes nothing; a conversation that has
+/// `max_members` (0 = unlimited) refuses a new one.
 pub fn add_member(
     client: &mut Client,
     key: &NoticeKey,
@@ -205,6 +206,7 @@ pub fn add_member(
     conversation_id: i64,
     user: &str,
     role: Role,
+    max_members: usize,
 ) -> Result<MembershipChange, StoreError> {
     let mut tx = client.transaction()?;
     let (last, actor_role) = lock_as_member(&mut tx, conversation_id, actor)?;
@@ -220,6 +222,19 @@ pub fn add_member(
     if role_of(&mut tx, conversation_id, user)?.is_some() {
         tx.rollback()?;
         return Ok(MembershipChange::none());
+    }
+    if max_members > 0 {
+        // Under the conversation's row lock: concurrent adds cannot overshoot.
+        let n: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM members WHERE conversation_id = $1",
+                &[&conversation_id],
+            )?
+            .get(0);
+        if n as usize >= max_members {
+            tx.rollback()?;
+            return Err(StoreError::TooManyMembers(max_members));
+        }
     }
     let seq = last + 1;
     tx.execute(

@@ -77,6 +77,10 @@ pub enum StoreError {
     /// A field is out of range.
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The conversation has as many members as it may (422
+    /// `too_many_members`).
+    #[error("a conversation has at most {0} members")]
+    TooManyMembers(usize),
     /// Anything else the database said; a bug or a broken schema.
     #[error("database error: {0}")]
     Internal(String),
@@ -124,6 +128,7 @@ impl From<&StoreError> for StoreFailure {
             }
             StoreError::Forbidden(m) => (ErrorCode::Forbidden, m.clone(), None),
             StoreError::Invalid(m) => (ErrorCode::InvalidField, m.clone(), None),
+            StoreError::TooManyMembers(_) => (ErrorCode::TooManyMembers, e.to_string(), None),
             StoreError::Internal(_) => (ErrorCode::Internal, "internal error".to_string(), None),
         };
         StoreFailure {

@@ -65,8 +65,34 @@ pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, S
         .collect())
 }
 
+/// Bytes one read of events may carry (backlog pages, REST pages); the
+/// first event of a read always fits, whatever its size.
+pub const READ_BYTES: i64 = 1024 * 1024;
+
+/// An upper bound, in SQL, on the bytes of one event as a frame: JSON
+/// escapes a control character in six bytes (`\u0001`), so a body counts
+/// six times its length. `octet_length` of a stored value reads its
+/// header only (no detoasting).
+const EVENT_BYTES_SQL: &str = "(256 + 6 * coalesce(octet_length(body), 0)
+    + coalesce(octet_length(client_msg_id), 0) + coalesce(octet_length(subject), 0)
+    + 6 * coalesce(octet_length(payload::text), 0))";
+
+/// `rows` (a query of `events` ordered by seq in `order`, at most
+/// `limit`) cut to [`READ_BYTES`]: the rows whose predecessors add up to
+/// less, with `n`, how many there were before the cut, as the last column.
+fn bytes_bounded(rows: &str, order: &str) -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS}, t.n FROM (
+           SELECT w.*, count(*) OVER () AS n FROM (
+             SELECT e.*, sum({EVENT_BYTES_SQL}) OVER (ORDER BY seq {order} ROWS UNBOUNDED PRECEDING)
+                         - {EVENT_BYTES_SQL} AS before_bytes
+             FROM ({rows}) e ORDER BY seq {order}) w) t
+         WHERE t.before_bytes < {READ_BYTES} ORDER BY seq {order}"
+    )
+}
+
 /// Events of one conversation with `after < seq <= upto`, ascending, at
-/// most `limit`.
+/// most `limit`, and at most [`READ_BYTES`] (one event always).
 pub fn events_range(
     client: &mut Client,
     conversation_id: i64,
@@ -75,40 +101,63 @@ pub fn events_range(
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
     let rows = client.query(
-        &format!(
-            "SELECT {EVENT_COLUMNS} FROM events
+        &bytes_bounded(
+            "SELECT * FROM events
              WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
-             ORDER BY seq LIMIT $4"
+             ORDER BY seq LIMIT $4",
+            "ASC",
         ),
         &[&conversation_id, &after, &upto, &limit],
     )?;
     Ok(rows.iter().map(event_from_row).collect())
 }
 
+/// A catch-up read: the events, and `(conversation, last seq read)` of
+/// each conversation cut short by the byte bound.
+pub type CatchUp = (Vec<Event>, Vec<(i64, i64)>);
+
 /// Events after a position in each of several conversations (catch-up
 /// reads of the fan-out), ascending per conversation, at most `limit_each`
-/// per conversation.
+/// and [`READ_BYTES`] per conversation (one event always). Also returns
+/// the conversations cut short by bytes, each with the last seq read:
+/// more events follow there.
 pub fn events_after_many(
     client: &mut Client,
     positions: &[(i64, i64)],
     limit_each: i64,
-) -> Result<Vec<Event>, StoreError> {
+) -> Result<CatchUp, StoreError> {
     if positions.is_empty() {
-        return Ok(vec![]);
+        return Ok((vec![], vec![]));
     }
     let (c, s): (Vec<i64>, Vec<i64>) = positions.iter().copied().unzip();
+    let each = bytes_bounded(
+        "SELECT * FROM events WHERE conversation_id = p.c AND seq > p.s
+         ORDER BY seq LIMIT $3",
+        "ASC",
+    );
     let rows = client.query(
         &format!(
             "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
-             LATERAL (SELECT {EVENT_COLUMNS} FROM events
-                      WHERE conversation_id = p.c AND seq > p.s
-                      ORDER BY seq LIMIT $3) AS e"
+             LATERAL ({each}) AS e"
         ),
         &[&c, &s, &limit_each],
     )?;
+    // Rows read per conversation before the byte cut, and kept.
+    let mut counts: std::collections::HashMap<i64, (i64, i64, i64)> = Default::default();
+    for r in &rows {
+        let entry = counts.entry(r.get(0)).or_insert((r.get(9), 0, 0));
+        entry.1 += 1;
+        entry.2 = entry.2.max(r.get(1));
+    }
+    let mut cut: Vec<(i64, i64)> = counts
+        .into_iter()
+        .filter(|(_, (read, kept, _))| kept < read)
+        .map(|(c, (_, _, last))| (c, last))
+        .collect();
+    cut.sort_unstable();
     let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
     events.sort_by_key(|e| (e.conversation_id, e.seq));
-    Ok(events)
+    Ok((events, cut))
 }
 
 /// Whether `user` is a member of the conversation.
@@ -168,8 +217,9 @@ pub fn page_bounds(
 
 /// One page of a conversation's events for a member: newest first below
 /// `before_seq`, or oldest first above `after_seq`, never at or below the
-/// member's [`history_floor`]. Keyset pagination on the primary key
-/// (conversation_id, seq).
+/// member's [`history_floor`]; at most `limit` events and [`READ_BYTES`]
+/// (one event always). Keyset pagination on the primary key
+/// (conversation_id, seq). The flag says whether more events follow.
 pub fn events_page(
     client: &mut Client,
     user: &str,
@@ -177,13 +227,14 @@ pub fn events_page(
     before_seq: Option<i64>,
     after_seq: Option<i64>,
     limit: i64,
-) -> Result<Vec<Event>, StoreError> {
+) -> Result<(Vec<Event>, bool), StoreError> {
     let floor = history_floor(client, conversation_id, user)?;
     page_events(client, conversation_id, floor, before_seq, after_seq, limit)
 }
 
-/// A page above `floor` (no membership check: [`events_page`] and the
-/// replica path check it first, on the primary).
+/// A page above `floor`, at most `limit` events and [`READ_BYTES`] (one
+/// event always), and whether more follow. No membership check:
+/// [`events_page`] and the replica path check it first, on the primary.
 pub fn page_events(
     client: &mut Client,
     conversation_id: i64,
@@ -191,30 +242,38 @@ pub fn page_events(
     before_seq: Option<i64>,
     after_seq: Option<i64>,
     limit: i64,
-) -> Result<Vec<Event>, StoreError> {
+) -> Result<(Vec<Event>, bool), StoreError> {
+    // One more than asked: whether more follow.
+    let ask = limit + 1;
     let rows = match after_seq {
         Some(after) => client.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
+            &bytes_bounded(
+                "SELECT * FROM events
+                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
+                "ASC",
             ),
-            &[&conversation_id, &after.max(floor), &limit],
+            &[&conversation_id, &after.max(floor), &ask],
         )?,
         None => client.query(
-            &format!(
-                "SELECT {EVENT_COLUMNS} FROM events
+            &bytes_bounded(
+                "SELECT * FROM events
                  WHERE conversation_id = $1 AND seq < $2 AND seq > $3
-                 ORDER BY seq DESC LIMIT $4"
+                 ORDER BY seq DESC LIMIT $4",
+                "DESC",
             ),
             &[
                 &conversation_id,
                 &before_seq.unwrap_or(i64::MAX),
                 &floor,
-                &limit,
+                &ask,
             ],
         )?,
     };
-    Ok(rows.iter().map(event_from_row).collect())
+    let read: i64 = rows.first().map_or(0, |r| r.get(9));
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
+    events.truncate(limit as usize);
+    let more = read > events.len() as i64;
+    Ok((events, more))
 }
 
 /// A row of the conversation list.

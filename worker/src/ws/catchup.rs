@@ -199,6 +199,7 @@ impl Connection {
     }
 
     pub(super) async fn on_conn_msg(&mut self, msg: ConnMsg) -> Result<(), End> {
+        self.queue.taken(&msg);
         match msg {
             ConnMsg::Event(f) => self.on_event(f).await,
             ConnMsg::Backfill {

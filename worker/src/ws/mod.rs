@@ -17,7 +17,7 @@
 mod catchup;
 
 use crate::commit::{ConnReply, ReplyTo, SendRequest};
-use crate::fanout::ConnMsg;
+use crate::fanout::{ConnMsg, QueueState};
 use crate::request::check_body;
 use crate::sequencer::Sequencer;
 use crate::store::StoreFailure;
@@ -71,8 +71,9 @@ pub(crate) struct Connection {
     inflight: usize,
     reply_tx: mpsc::Sender<Box<ConnReply>>,
     unflushed: usize,
-    /// Set by the dispatcher when this connection's queue overflowed.
-    cut: Arc<AtomicBool>,
+    /// Shared with the dispatcher: the queue's bytes, and whether it
+    /// overflowed (the connection is cut).
+    queue: Arc<QueueState>,
 }
 
 /// Runs a socket write, checking every second whether the dispatcher has
@@ -109,9 +110,9 @@ impl Connection {
         let id = app.next_conn_id();
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
-        let cut = Arc::new(AtomicBool::new(false));
+        let queue = Arc::new(QueueState::default());
         app.dispatcher
-            .register(id, user.clone(), tx, cut.clone())
+            .register(id, user.clone(), tx, queue.clone())
             .await;
         app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         app.metrics
@@ -128,10 +129,10 @@ impl Connection {
             inflight: 0,
             reply_tx,
             unflushed: 0,
-            cut: cut.clone(),
+            queue: queue.clone(),
         };
-        let mut end = conn.serve(rx, reply_rx, &cut).await;
-        if cut.load(Ordering::Acquire) && matches!(end, End::ClientClosed) {
+        let mut end = conn.serve(rx, reply_rx, &queue.cut).await;
+        if queue.cut.load(Ordering::Acquire) && matches!(end, End::ClientClosed) {
             // Our writes failed because we gave up on a client that did
             // not read: tell it why, if it ever reads again.
             end = End::TooSlow;
@@ -144,15 +145,15 @@ impl Connection {
 
     async fn write(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
         self.unflushed += 1;
-        let cut = self.cut.clone();
-        guarded(&cut, self.ws.feed(Message::Text(text))).await
+        let queue = self.queue.clone();
+        guarded(&queue.cut, self.ws.feed(Message::Text(text))).await
     }
 
     async fn flush(&mut self) -> Result<(), WsError> {
         if self.unflushed > 0 {
             self.unflushed = 0;
-            let cut = self.cut.clone();
-            guarded(&cut, self.ws.flush()).await?;
+            let queue = self.queue.clone();
+            guarded(&queue.cut, self.ws.flush()).await?;
         }
         Ok(())
     }
