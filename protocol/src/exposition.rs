@@ -36,7 +36,11 @@ pub fn merge(texts: &[&str]) -> String {
     for text in texts {
         let mut current: Option<String> = None;
         for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
+            let header = line
+                .strip_prefix("# HELP ")
+                .map(|rest| ("# HELP ", rest))
+                .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+            if let Some((kind, rest)) = header {
                 let name = rest.split(' ').next().unwrap_or_default().to_string();
                 let family = families.entry(name.clone()).or_insert_with(|| {
                     order.push(name.clone());
@@ -45,21 +49,8 @@ pub fn merge(texts: &[&str]) -> String {
                         samples: String::new(),
                     }
                 });
-                if !family.header.contains("# HELP ") {
-                    family.header.push_str(line);
-                    family.header.push('\n');
-                }
-                current = Some(name);
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split(' ').next().unwrap_or_default().to_string();
-                let family = families.entry(name.clone()).or_insert_with(|| {
-                    order.push(name.clone());
-                    Family {
-                        header: String::new(),
-                        samples: String::new(),
-                    }
-                });
-                if !family.header.contains("# TYPE ") {
+                // The first HELP and the first TYPE of a family only.
+                if !family.header.contains(kind) {
                     family.header.push_str(line);
                     family.header.push('\n');
                 }
