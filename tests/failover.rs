@@ -153,17 +153,15 @@ async fn the_primary_dies_the_standby_is_promoted_and_nothing_acknowledged_is_lo
     // The operator's failover: promote, and stop waiting for a standby
     // that no longer exists.
     let standby_url = s_url.clone();
-    tokio::task::spawn_blocking(move || {
+    // The new primary lives until the end of the test, then is stopped and
+    // removed (dropped off the runtime: stopping it blocks).
+    let new_primary = tokio::task::spawn_blocking(move || {
         standby.promote().expect("promote");
         sql(&standby_url, "ALTER SYSTEM RESET synchronous_standby_names").unwrap();
         sql(&standby_url, "SELECT pg_reload_conf()").unwrap();
         standby
     })
     .await
-    .map(|s| {
-        // Kept alive until the end of the test.
-        std::mem::forget(s);
-    })
     .unwrap();
 
     let retries = sender.await.unwrap();
@@ -196,4 +194,8 @@ async fn the_primary_dies_the_standby_is_promoted_and_nothing_acknowledged_is_lo
         assert_eq!(v["seq"].as_i64(), Some(last + 1), "in order, once: {v}");
         last += 1;
     }
+    drop(w);
+    tokio::task::spawn_blocking(move || drop(new_primary))
+        .await
+        .unwrap();
 }
