@@ -207,6 +207,29 @@ pub struct WorkerOptions {
         hide_env_values = true
     )]
     pub read_database_url: Option<String>,
+    /// What stands between tether and PostgreSQL at DATABASE_URL (and
+    /// --read-database-url): `none`, or `transaction` for a pooler in
+    /// transaction mode such as PgBouncer's `pool_mode = transaction`
+    /// (no named prepared statements, no session settings; LISTEN then
+    /// needs --listen-database-url).
+    #[arg(
+        long,
+        env = "TETHER_DATABASE_POOLER",
+        value_name = "none|transaction",
+        default_value = "none",
+        value_enum
+    )]
+    pub database_pooler: crate::store::Pooler,
+    /// A direct connection to the primary for LISTEN (notifications need
+    /// a session of their own, which a transaction-mode pooler does not
+    /// give) [default: DATABASE_URL].
+    #[arg(
+        long,
+        env = "TETHER_LISTEN_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub listen_database_url: Option<String>,
 }
 
 /// `--demo`'s values: on/1/true/yes and off/0/false/no.
@@ -339,6 +362,10 @@ pub struct WorkerConfig {
     pub demo: bool,
     pub log_format: crate::logging::LogFormat,
     pub read_database_url: Option<String>,
+    /// What stands between tether and PostgreSQL.
+    pub database_pooler: crate::store::Pooler,
+    /// The direct connection LISTEN uses (None: `database_url`).
+    pub listen_database_url: Option<String>,
 }
 
 impl WorkerArgs {
@@ -391,6 +418,8 @@ impl WorkerArgs {
             demo: o.demo,
             log_format: o.log_format,
             read_database_url: o.read_database_url,
+            database_pooler: o.database_pooler,
+            listen_database_url: o.listen_database_url,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! `schema.sql`, which is exactly migration 1) is recognised by its tables
 //! and recorded as at the version its columns show.
 
+use super::oneshot::OneShot;
 use super::StoreError;
 use postgres::Client;
 
@@ -40,7 +41,7 @@ const LOCK: i64 = 7_412_093;
 /// when the database was up to date).
 pub fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
     let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])?;
+    tx.oneshot_execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])?;
     // "already exists, skipping" notices of migration 1 on old databases.
     tx.batch_execute("SET LOCAL client_min_messages = warning")?;
     tx.batch_execute(
@@ -51,7 +52,7 @@ pub fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
          )",
     )?;
     let mut applied: Vec<i32> = tx
-        .query("SELECT version FROM schema_migrations", &[])?
+        .oneshot_query("SELECT version FROM schema_migrations", &[])?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -76,7 +77,7 @@ pub fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
 /// empty, 1 with the first release's tables, 2 once roles exist.
 fn baseline(tx: &mut postgres::Transaction<'_>) -> Result<i32, StoreError> {
     let has = |tx: &mut postgres::Transaction<'_>, table: &str, column: &str| {
-        tx.query_one(
+        tx.oneshot_query_one(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns
                  WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2)",
             &[&table, &column],
@@ -93,7 +94,7 @@ fn baseline(tx: &mut postgres::Transaction<'_>) -> Result<i32, StoreError> {
 }
 
 fn record(tx: &mut postgres::Transaction<'_>, m: &Migration) -> Result<(), StoreError> {
-    tx.execute(
+    tx.oneshot_execute(
         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
         &[&m.version, &m.name],
     )?;

@@ -2,6 +2,7 @@
 //! connect, backlog and catch-up ranges, REST pages (within the caller's
 //! history), the conversation list.
 
+use super::oneshot::OneShot;
 use super::{event_from_row, StoreError, EVENT_COLUMNS};
 use postgres::Client;
 use tether_protocol::frames::Event;
@@ -22,7 +23,7 @@ pub fn advance_cursors(
     let c: Vec<i64> = acks.iter().map(|a| a.0).collect();
     let u: Vec<&str> = acks.iter().map(|a| a.1.as_str()).collect();
     let s: Vec<i64> = acks.iter().map(|a| a.2).collect();
-    Ok(client.execute(
+    Ok(client.oneshot_execute(
         "UPDATE members m SET cursor_seq = GREATEST(m.cursor_seq, LEAST(v.s, c.last_seq))
          FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(c, u, s), conversations c
          WHERE m.conversation_id = v.c AND m.user_id = v.u AND c.id = v.c
@@ -49,7 +50,7 @@ pub struct Membership {
 /// cursor is never below the seq before the user's own `member.joined`:
 /// delivery starts where their membership does.
 pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
-    let rows = client.query(
+    let rows = client.oneshot_query(
         "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 ORDER BY m.conversation_id",
@@ -100,7 +101,7 @@ pub fn events_range(
     upto: i64,
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
-    let rows = client.query(
+    let rows = client.oneshot_query(
         &bytes_bounded(
             "SELECT * FROM events
              WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
@@ -135,7 +136,7 @@ pub fn events_after_many(
          ORDER BY seq LIMIT $3",
         "ASC",
     );
-    let rows = client.query(
+    let rows = client.oneshot_query(
         &format!(
             "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
              LATERAL ({each}) AS e"
@@ -167,7 +168,7 @@ pub fn is_member(
     user: &str,
 ) -> Result<bool, StoreError> {
     Ok(client
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
             &[&conversation_id, &user],
         )?
@@ -183,7 +184,7 @@ pub fn history_floor(
     user: &str,
 ) -> Result<i64, StoreError> {
     let row = client
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT CASE WHEN c.history = 'shared' THEN 0 ELSE m.joined_seq - 1 END
              FROM members m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.conversation_id = $1 AND m.user_id = $2",
@@ -197,7 +198,7 @@ pub fn history_floor(
 /// does not have the conversation): how far a replica has come.
 pub fn last_seq(client: &mut Client, conversation_id: i64) -> Result<i64, StoreError> {
     Ok(client
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT last_seq FROM conversations WHERE id = $1",
             &[&conversation_id],
         )?
@@ -246,7 +247,7 @@ pub fn page_events(
     // One more than asked: whether more follow.
     let ask = limit + 1;
     let rows = match after_seq {
-        Some(after) => client.query(
+        Some(after) => client.oneshot_query(
             &bytes_bounded(
                 "SELECT * FROM events
                  WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
@@ -254,7 +255,7 @@ pub fn page_events(
             ),
             &[&conversation_id, &after.max(floor), &ask],
         )?,
-        None => client.query(
+        None => client.oneshot_query(
             &bytes_bounded(
                 "SELECT * FROM events
                  WHERE conversation_id = $1 AND seq < $2 AND seq > $3
@@ -298,7 +299,7 @@ pub fn conversations_page(
     after: i64,
     limit: i64,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
-    let rows = client.query(
+    let rows = client.oneshot_query(
         "SELECT c.id, c.title, c.last_seq, GREATEST(m.cursor_seq, m.joined_seq - 1), m.role, c.history
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 AND m.conversation_id > $2
