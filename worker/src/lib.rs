@@ -52,6 +52,7 @@ pub mod members;
 pub mod metrics;
 pub mod phase;
 pub mod probes;
+pub mod prune;
 pub mod ratelimit;
 pub mod recent;
 pub mod request;
@@ -461,6 +462,14 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
             }
         });
     }
+
+    prune::spawn(
+        app.pool.clone(),
+        app.config.retention,
+        app.config.prune_interval,
+        app.metrics.clone(),
+        &app.config.worker_id,
+    );
 
     // The control socket to the supervisor, when there is one.
     let control = control::attach(app.clone());

@@ -675,6 +675,16 @@ export class TetherClient {
         this._flushOutbox();
         this._flushAcks(true);
         break;
+      case 'truncated': {
+        // The server pruned this conversation's history below from_seq
+        // (retention): what follows starts there, and is not a gap.
+        const c = f.conversation_id;
+        const from = f.from_seq;
+        if (!Number.isInteger(c) || !Number.isInteger(from)) break;
+        this._high.set(c, Math.max(this._high.get(c) || 0, from - 1));
+        this._emit('truncated', { conversation_id: c, from_seq: from, conversationId: c, fromSeq: from });
+        break;
+      }
       case 'sent':
         this._onSent(f);
         break;

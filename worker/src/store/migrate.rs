@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "roles_and_history",
         sql: include_str!("../../../migrations/0002_roles_and_history.sql"),
     },
+    Migration {
+        version: 3,
+        name: "retention",
+        sql: include_str!("../../../migrations/0003_retention.sql"),
+    },
 ];
 
 /// The advisory lock every schema change takes.

@@ -27,6 +27,7 @@ pub mod migrate;
 pub mod notice;
 pub mod oneshot;
 mod read;
+pub mod retain;
 
 /// The whole current schema, to read (databases are built by [`migrate`]).
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");

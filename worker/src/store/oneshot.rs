@@ -37,6 +37,7 @@ pg_type! {
     bool => BOOL,
     i32 => INT4,
     i64 => INT8,
+    f64 => FLOAT8,
     &str => TEXT,
     String => TEXT,
     Vec<i64> => INT8_ARRAY,

@@ -3,7 +3,7 @@
 //! history), the conversation list.
 
 use super::oneshot::OneShot;
-use super::{event_from_row, StoreError, EVENT_COLUMNS};
+use super::{event_from_row, event_from_row_at, StoreError, EVENT_COLUMNS};
 use postgres::Client;
 use tether_protocol::frames::Event;
 
@@ -44,6 +44,9 @@ pub struct Membership {
     /// The conversation's last committed seq when read: the backlog is
     /// exactly (cursor, last_seq].
     pub last_seq: i64,
+    /// The highest seq pruned (retention), 0 when none: a backlog from a
+    /// cursor below it starts with `truncated` and resumes above it.
+    pub horizon: i64,
 }
 
 /// Every conversation `user` belongs to, with cursor and last seq. The
@@ -51,7 +54,8 @@ pub struct Membership {
 /// delivery starts where their membership does.
 pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
     let rows = client.oneshot_query(
-        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq
+        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq,
+                c.horizon_seq
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 ORDER BY m.conversation_id",
         &[&user],
@@ -62,8 +66,30 @@ pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, S
             conversation_id: r.get(0),
             cursor: r.get(1),
             last_seq: r.get(2),
+            horizon: r.get(3),
         })
         .collect())
+}
+
+/// Whether `user` has been a member of the conversation without a break
+/// since at least seq `since`: a member now whose current membership
+/// began (`joined_seq`, the seq of their `member.joined`, 1 for a creator)
+/// at or before it. A connection that finds history pruned under it
+/// skips the pruned range only when this holds: the range cannot then
+/// hold their own `member.left`.
+pub fn member_since(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+    since: i64,
+) -> Result<bool, StoreError> {
+    Ok(client
+        .oneshot_query_opt(
+            "SELECT 1 FROM members
+             WHERE conversation_id = $1 AND user_id = $2 AND joined_seq <= $3",
+            &[&conversation_id, &user, &since],
+        )?
+        .is_some())
 }
 
 /// Bytes one read of events may carry (backlog pages, REST pages); the
@@ -92,25 +118,47 @@ fn bytes_bounded(rows: &str, order: &str) -> String {
     )
 }
 
+/// A read of one conversation's range, and its retention horizon as of
+/// the same snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Range {
+    pub events: Vec<Event>,
+    /// The highest seq pruned (0: none). Every event of the range above
+    /// it that was committed is in `events`; those at or below are gone.
+    pub horizon: i64,
+}
+
 /// Events of one conversation with `after < seq <= upto`, ascending, at
-/// most `limit`, and at most [`READ_BYTES`] (one event always).
+/// most `limit`, and at most [`READ_BYTES`] (one event always), with the
+/// conversation's horizon read in the same statement (one snapshot: the
+/// prune job deletes and raises the horizon in one transaction).
 pub fn events_range(
     client: &mut Client,
     conversation_id: i64,
     after: i64,
     upto: i64,
     limit: i64,
-) -> Result<Vec<Event>, StoreError> {
+) -> Result<Range, StoreError> {
+    let events = bytes_bounded(
+        "SELECT * FROM events
+         WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
+         ORDER BY seq LIMIT $4",
+        "ASC",
+    );
     let rows = client.oneshot_query(
-        &bytes_bounded(
-            "SELECT * FROM events
-             WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
-             ORDER BY seq LIMIT $4",
-            "ASC",
+        &format!(
+            "WITH h AS (SELECT horizon_seq FROM conversations WHERE id = $1)
+             SELECT h.horizon_seq, r.* FROM h LEFT JOIN ({events}) r ON true"
         ),
         &[&conversation_id, &after, &upto, &limit],
     )?;
-    Ok(rows.iter().map(event_from_row).collect())
+    let horizon = rows.first().map_or(0, |r| r.get(0));
+    let events = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<i64>>(1).is_some())
+        .map(|r| event_from_row_at(r, 1))
+        .collect();
+    Ok(Range { events, horizon })
 }
 
 /// A catch-up read: the events, and `(conversation, last seq read)` of

@@ -53,6 +53,10 @@ enum End {
     TooLarge,
     InvalidUtf8,
     Idle,
+    /// History was pruned past the connection and its user's membership
+    /// may have changed inside the pruned range: reconnect, and the
+    /// backlog starts from what the membership table says.
+    Resync,
     Internal(&'static str),
 }
 
@@ -174,6 +178,7 @@ impl Connection {
             End::TooLarge => (CloseCode::Size, "frame too large"),
             End::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
             End::Idle => (CloseCode::Normal, "idle timeout"),
+            End::Resync => (CloseCode::Again, "history was pruned; reconnect to resync"),
             End::Internal(why) => (CloseCode::Error, why),
         };
         let frame = CloseFrame {
