@@ -100,6 +100,19 @@ pub async fn send_message(
     }
 }
 
+/// `GET /v1/conversations/{id}/presence`: every member's status, last
+/// seen and read position (members only; 404 otherwise, as everywhere).
+pub async fn presence(app: Arc<App>, user: Arc<str>, conversation_id: i64) -> Response<Body> {
+    let u = user.to_string();
+    match app
+        .db(move |c| store::presence::of_conversation(c, conversation_id, &u))
+        .await
+    {
+        Ok(members) => json_response(StatusCode::OK, json!({ "members": members }).to_string()),
+        Err(e) => store_error_response(&e),
+    }
+}
+
 pub async fn list_conversations(
     app: Arc<App>,
     user: Arc<str>,

@@ -151,6 +151,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             Ok(c) => conversations::list_events(app, user, c, query).await,
             Err(r) => r,
         },
+        (Method::GET, Route::Presence(c)) => match c.id() {
+            Ok(c) => conversations::presence(app, user, c).await,
+            Err(r) => r,
+        },
         _ => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

@@ -46,6 +46,8 @@ pub enum Route {
     Messages(ConversationRef),
     /// `/v1/conversations/{id}/events`
     Events(ConversationRef),
+    /// `/v1/conversations/{id}/presence`
+    Presence(ConversationRef),
 }
 
 impl Route {
@@ -69,6 +71,7 @@ impl Route {
             }
             ["v1", "conversations", id, "messages"] => Route::Messages(ConversationRef::parse(id)),
             ["v1", "conversations", id, "events"] => Route::Events(ConversationRef::parse(id)),
+            ["v1", "conversations", id, "presence"] => Route::Presence(ConversationRef::parse(id)),
             _ => return None,
         };
         Some(route)

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "retention",
         sql: include_str!("../../../migrations/0003_retention.sql"),
     },
+    Migration {
+        version: 4,
+        name: "presence",
+        sql: include_str!("../../../migrations/0004_presence.sql"),
+    },
 ];
 
 /// The advisory lock every schema change takes.

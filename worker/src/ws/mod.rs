@@ -367,6 +367,21 @@ impl Connection {
         };
         let reply = match frame {
             ClientFrame::Ping => server::pong(),
+            // Members only (the sequencer knows: the same rule as acks);
+            // forwarded at most once per 2 s, silently dropped beyond.
+            ClientFrame::Typing { conversation_id } => {
+                if self.seq.last(conversation_id).is_none() {
+                    server::error(
+                        "not_found",
+                        &format!("conversation {conversation_id} not found"),
+                        None,
+                        None,
+                    )
+                } else {
+                    self.app.signals.typing(&self.user, conversation_id);
+                    return Ok(());
+                }
+            }
             ClientFrame::Ack {
                 conversation_id,
                 seq,
