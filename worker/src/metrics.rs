@@ -86,6 +86,8 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub bad_frames: AtomicU64,
     pub idle_closes: AtomicU64,
+    /// Connections from a trusted balancer closed for a bad PROXY header.
+    pub proxy_header_errors: AtomicU64,
     pub commit_latency: Histogram,
     pub commit_batch_size: Histogram,
     pub delivery_latency: Histogram,
@@ -117,6 +119,7 @@ impl Metrics {
             auth_failures: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             idle_closes: AtomicU64::new(0),
+            proxy_header_errors: AtomicU64::new(0),
             commit_latency: Histogram::new(LATENCY_BOUNDS),
             commit_batch_size: Histogram::new(SIZE_BOUNDS),
             delivery_latency: Histogram::new(LATENCY_BOUNDS),
@@ -130,7 +133,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 19] = [
             (
                 "tether_connections_open",
                 "Open WebSocket connections.",
@@ -147,6 +150,12 @@ impl Metrics {
                 "tether_connections_refused_total",
                 "WebSocket upgrades refused (limits, draining).",
                 &self.connections_refused,
+                "counter",
+            ),
+            (
+                "tether_proxy_header_errors_total",
+                "Connections from a trusted balancer closed for a malformed PROXY header.",
+                &self.proxy_header_errors,
                 "counter",
             ),
             (
