@@ -40,7 +40,7 @@ const SEND_EVERY: Duration = Duration::from_millis(50);
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 /// The two cases start four supervisors and HAProxy each: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -578,7 +578,7 @@ async fn both_hosts_redeployed_under_load_lose_nothing_and_fail_no_new_connectio
     let Some(haproxy) = tool("/usr/sbin/haproxy", "haproxy", test) else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let began = Instant::now();
     let mut scene = Scene::start(haproxy).await;
     let senders = Senders::start(scene.lb.front, &scene.convs.clone());
@@ -633,7 +633,7 @@ async fn a_host_killed_outright_is_routed_around_and_its_clients_resume() {
     let Some(haproxy) = tool("/usr/sbin/haproxy", "haproxy", test) else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let began = Instant::now();
     let mut scene = Scene::start(haproxy).await;
     let senders = Senders::start(scene.lb.front, &scene.convs.clone());
