@@ -4,7 +4,7 @@
 //! workers each, on one database, on separate loopback ports).
 //!
 //! - Both hosts are redeployed one after the other (SIGTERM, wait for the
-//!   exit, start again) while subscribers take a steady stream of messages
+//!   exit, start again) while 400 subscribers take 200 messages a second
 //!   and a prober opens a new WebSocket every 50 ms, all through HAProxy:
 //!   nothing is lost, every subscriber comes back, and not one new
 //!   connection fails (the drain delay keeps a host serving, with `/ready`
@@ -33,10 +33,10 @@ const T: Duration = Duration::from_secs(60);
 /// HAProxy's check interval × fall is 1 s in the shipped file; the delay
 /// covers it plus one interval plus a margin for a loaded machine.
 const DRAIN_DELAY_MS: &str = "2500";
-const CONVS: usize = 10;
-const MEMBERS: usize = 20; // 200 subscribers
+const CONVS: usize = 20;
+const MEMBERS: usize = 20; // 400 subscribers
 /// One message per conversation every this often: 200 msg/s in all.
-const SEND_EVERY: Duration = Duration::from_millis(50);
+const SEND_EVERY: Duration = Duration::from_millis(100);
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 /// The two cases start four supervisors and HAProxy each: one at a time.

@@ -186,6 +186,12 @@ async fn malformed_proxy_headers_close_that_connection_and_change_nothing() {
         assert_eq!(after, before + 1.0, "{what}: counted");
         still_serving(addr).await;
     }
+    // Silence is no malformed header: closed after the header timeout,
+    // not counted.
+    let before = metric(&metrics_of(addr).await, "tether_proxy_header_errors_total");
+    assert!(answer_to(addr, b"", false).await.is_empty());
+    let after = metric(&metrics_of(addr).await, "tether_proxy_header_errors_total");
+    assert_eq!(after, before, "an idle connection is not a bad header");
     // A good header followed by garbage instead of HTTP: HTTP's own 400.
     let mut then_garbage = good.clone();
     then_garbage.extend_from_slice(b"\x00\x01\x02 not http\r\n\r\n");

@@ -105,6 +105,9 @@ pub enum HeaderError {
     Malformed(#[from] ProxyError),
     #[error("PROXY header not complete within {0:?}")]
     Timeout(Duration),
+    /// Not one byte within the time: an idle connection, not a bad header.
+    #[error("nothing sent within {0:?}")]
+    Silent(Duration),
     #[error("reading the PROXY header: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -123,10 +126,12 @@ pub async fn read_proxy_header(
     if !trusted.contains(peer.ip()) {
         return Ok(peer);
     }
+    let mut started = false;
     let read = async {
         let mut first = [0u8; proxy_protocol::FIXED_LEN];
         let len = loop {
             let n = stream.peek(&mut first).await?;
+            started |= n > 0;
             match proxy_protocol::sniff(&first[..n]) {
                 Sniff::NotProxy => return Ok(peer),
                 // EOF: nothing for HTTP either; let hyper see it.
@@ -153,9 +158,11 @@ pub async fn read_proxy_header(
             Header::Local | Header::Unspecified => peer,
         })
     };
-    tokio::time::timeout(within, read)
-        .await
-        .map_err(|_| HeaderError::Timeout(within))?
+    match tokio::time::timeout(within, read).await {
+        Ok(result) => result,
+        Err(_) if !started => Err(HeaderError::Silent(within)),
+        Err(_) => Err(HeaderError::Timeout(within)),
+    }
 }
 
 /// A request's client address: starting from the connection's (`conn`,

@@ -7,7 +7,7 @@
 //! status ([`crate::respond`]); 429 and 503 carry `Retry-After` (and
 //! `retry_after` in the body).
 
-use crate::client_addr::{client_ip, read_proxy_header};
+use crate::client_addr::{client_ip, read_proxy_header, HeaderError};
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer};
 use crate::respond::{error_response, fail, retry_response, Body};
@@ -61,6 +61,10 @@ async fn serve_connection(app: Arc<App>, mut stream: tokio::net::TcpStream, peer
     let within = app.config.handshake_timeout;
     let conn_addr = match read_proxy_header(&mut stream, peer, trusted, within).await {
         Ok(addr) => addr,
+        Err(e @ HeaderError::Silent(_)) => {
+            log::debug!("peer={peer}: {e}; closing the connection");
+            return;
+        }
         Err(e) => {
             app.metrics
                 .proxy_header_errors
