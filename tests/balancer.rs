@@ -14,8 +14,8 @@
 //!   and resume.
 //!
 //! Without `/usr/sbin/haproxy` the tests say SKIPPED and pass, unless
-//! `TETHER_REQUIRE_ALL=1` (as in .ci/run). The nginx example is checked
-//! with `nginx -t` the same way.
+//! `TETHER_REQUIRE_ALL=1` (as in .ci/run). The nginx example has its own
+//! test, tests/nginx.rs.
 
 use futures_util::SinkExt;
 use serde_json::json;
@@ -47,26 +47,6 @@ fn repo() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-/// An external tool, or None after printing SKIPPED (a failure under
-/// TETHER_REQUIRE_ALL=1).
-fn tool(path: &str, package: &str, test: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(path);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("TETHER_REQUIRE_ALL").as_deref() != Ok("1"),
-        "{} is not installed (apt-get install {package}) and TETHER_REQUIRE_ALL=1",
-        path.display()
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: {} not installed (apt-get install {package})",
-        path.display()
-    );
-    None
 }
 
 // ---------------------------------------------------------------------------
@@ -575,7 +555,7 @@ impl Scene {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_hosts_redeployed_under_load_lose_nothing_and_fail_no_new_connection() {
     let test = "both_hosts_redeployed_under_load_lose_nothing_and_fail_no_new_connection";
-    let Some(haproxy) = tool("/usr/sbin/haproxy", "haproxy", test) else {
+    let Some(haproxy) = tool_or_skip("/usr/sbin/haproxy", "haproxy", test) else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -630,7 +610,7 @@ async fn both_hosts_redeployed_under_load_lose_nothing_and_fail_no_new_connectio
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_host_killed_outright_is_routed_around_and_its_clients_resume() {
     let test = "a_host_killed_outright_is_routed_around_and_its_clients_resume";
-    let Some(haproxy) = tool("/usr/sbin/haproxy", "haproxy", test) else {
+    let Some(haproxy) = tool_or_skip("/usr/sbin/haproxy", "haproxy", test) else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -684,39 +664,4 @@ async fn a_host_killed_outright_is_routed_around_and_its_clients_resume() {
         "new connections failed after DOWN: {after:?}"
     );
     scene.end();
-}
-
-#[test]
-fn the_nginx_example_is_valid() {
-    let test = "the_nginx_example_is_valid";
-    let Some(nginx) = tool("/usr/sbin/nginx", "nginx-light", test) else {
-        return;
-    };
-    // The example is an http-level include (conf.d/): wrap it in a minimal
-    // main config whose paths are all in a temp dir.
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("nginx.conf");
-    let example = repo().join("ops/nginx/tether.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  include {};\n}}\n",
-            example.display(),
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(nginx)
-        .arg("-t")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nginx -t: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
