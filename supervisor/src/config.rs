@@ -29,7 +29,9 @@ const WORKER_HEADING: &str = "Worker options (passed on to every worker)";
 /// What `tether --help` shows after the options.
 const AFTER_HELP: &str = "\
 Signals:
-  SIGTERM, SIGINT  drain the workers and exit 0 (a second one kills them now)
+  SIGTERM, SIGINT  drain the workers and exit 0 (a second one kills them now);
+                   with --drain-delay-ms, /ready says 503 for that long first
+                   while the workers keep serving
   SIGHUP           replace the workers one at a time
 
 Without --database-url, tether runs a private PostgreSQL in --data-dir
