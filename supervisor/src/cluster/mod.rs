@@ -473,85 +473,6 @@ impl Cluster {
         }
     }
 
-    fn on_stop(&mut self, now: Instant, name: &'static str) {
-        if let Phase::Stopping { forced, .. } = &mut self.phase {
-            if !*forced {
-                *forced = true;
-                log::warn!(
-                    "sup: second stop signal ({name}): killing {} workers now",
-                    self.workers.len()
-                );
-                for w in &mut self.workers {
-                    Self::send_signal(&mut self.actions, w, Kill::Kill);
-                    w.killed = Some(KillReason::Forced);
-                }
-            }
-            return;
-        }
-        self.begin_stop(now, StopReason::Signal(name));
-    }
-
-    /// Enter [`Phase::Stopping`]: on a stop signal with a drain delay,
-    /// `unready` to every worker now and the SIGTERMs when it has passed
-    /// ([`Cluster::advance`]); otherwise (no delay, or giving up, where
-    /// there is nothing healthy to keep serving) the SIGTERMs now.
-    fn begin_stop(&mut self, now: Instant, reason: StopReason) {
-        self.notify(vec![
-            ("STOPPING", "1".into()),
-            ("STATUS", "draining workers".into()),
-        ]);
-        self.scheduled.clear();
-        self.reload_pending = false;
-        // Spawns asked for and not performed yet: not any more.
-        self.actions.retain(|a| !matches!(a, Action::Spawn { .. }));
-        let delay = self.s.drain_delay;
-        if let (StopReason::Signal(name), false) = (reason, delay.is_zero()) {
-            let mut n = 0;
-            for w in self.workers.iter().filter(|w| w.active()) {
-                self.actions.push_back(Action::Unready { n: w.n });
-                n += 1;
-            }
-            log::info!(
-                "sup: {name}: /ready answers 503 on {n} workers; they keep serving for {}ms, then drain",
-                ms(delay)
-            );
-            self.phase = Phase::Stopping {
-                since: now,
-                reason,
-                forced: false,
-                term_at: Some(now + delay),
-            };
-            return;
-        }
-        self.phase = Phase::Stopping {
-            since: now,
-            reason,
-            forced: false,
-            term_at: None,
-        };
-        self.term_all(now, reason);
-    }
-
-    /// SIGTERM every active worker (the drain proper).
-    fn term_all(&mut self, now: Instant, reason: StopReason) {
-        let mut n = 0;
-        for w in &mut self.workers {
-            if w.active() {
-                Self::send_signal(&mut self.actions, w, Kill::Term);
-                w.term_at = Some(now);
-                n += 1;
-            }
-        }
-        let why = match reason {
-            StopReason::Signal(name) => name,
-            StopReason::GaveUp => "giving up",
-        };
-        log::info!(
-            "sup: {why}: draining {n} workers (SIGKILL after {}ms)",
-            ms(self.s.kill_after)
-        );
-    }
-
     // ---- control lines ---------------------------------------------------
 
     fn on_control(&mut self, now: Instant, n: u64, message: WorkerMessage) {
@@ -633,19 +554,7 @@ impl Cluster {
                 }
             }
             Phase::Reloading(_) => self.advance_roll(now),
-            Phase::Stopping {
-                term_at: Some(at),
-                reason,
-                forced: false,
-                ..
-            } if now >= *at => {
-                let reason = *reason;
-                if let Phase::Stopping { term_at, .. } = &mut self.phase {
-                    *term_at = None;
-                }
-                self.term_all(now, reason);
-            }
-            Phase::Stopping { .. } => {}
+            Phase::Stopping { .. } => self.advance_stop(now),
         }
     }
 
@@ -683,6 +592,7 @@ impl Cluster {
 mod deaths;
 mod roll;
 mod spawns;
+mod stop;
 
 #[cfg(test)]
 mod tests;

@@ -325,6 +325,10 @@ fn a_second_stop_during_the_drain_delay_kills_at_once() {
     w.feed(Input::Signal(Signal::Stop("SIGINT")));
     let a = w.feed(Input::Signal(Signal::Stop("SIGINT")));
     assert_eq!(signals(&a), vec![(1, Kill::Kill), (2, Kill::Kill)]);
+    // Nothing is left to wait for: no SIGTERMs later, no deadline.
+    assert_eq!(w.rules.next_deadline(), None);
+    w.at(2000);
+    assert!(signals(&w.tick()).is_empty());
     w.exit(1);
     w.exit(2);
     assert_eq!(w.rules.outcome(), Some(Outcome::Forced));
