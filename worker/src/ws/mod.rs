@@ -26,6 +26,7 @@ use crate::App;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,7 +111,9 @@ where
 }
 
 impl Connection {
-    pub(crate) async fn run(app: Arc<App>, socket: Socket, user: Arc<str>) {
+    /// Serves one connection of `user` from client address `ip` (for the
+    /// logs) until it ends.
+    pub(crate) async fn run(app: Arc<App>, socket: Socket, user: Arc<str>, ip: IpAddr) {
         let id = app.next_conn_id();
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
@@ -122,7 +125,7 @@ impl Connection {
         app.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        log::debug!("user={user} conn={id}: connected");
+        log::debug!("user={user} conn={id} ip={ip}: connected");
         let mut conn = Connection {
             app: app.clone(),
             id,
@@ -144,7 +147,7 @@ impl Connection {
         Box::pin(conn.close(end)).await;
         app.dispatcher.deregister(id).await;
         app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-        log::debug!("user={user} conn={id}: closed");
+        log::debug!("user={user} conn={id} ip={ip}: closed");
     }
 
     async fn write(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
