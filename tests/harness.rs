@@ -40,7 +40,14 @@ fn test_db_counts_stops_and_starts() {
     });
     assert_eq!(
         tables,
-        ["conversations", "events", "members", "schema_migrations"]
+        [
+            "conversations",
+            "events",
+            "members",
+            "presence",
+            "presence_leases",
+            "schema_migrations"
+        ]
     );
 }
 
