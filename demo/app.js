@@ -19,7 +19,8 @@ const wantConversation = Number(fragment.get('conversation')) || null;
 
 // ----- model -------------------------------------------------------------
 
-/** id → { id, title, lastSeq, readSeq, activity, events: Map(seq → event), pending: Map(id → {body, error}), oldest, historyDone, left } */
+/** id → { id, title, lastSeq, readSeq, activity, events: Map(seq → event), pending: Map(id → {body, error}), oldest, historyDone, left,
+ *          members: Map(user → {online, lastSeen}), typing: Map(user → until ms), reads: Map(user → seq) } */
 const convs = new Map();
 let me = null;
 let client = null;
@@ -40,6 +41,10 @@ function conv(id) {
       historyLoaded: false,
       historyDone: false,
       left: false,
+      members: new Map(),
+      typing: new Map(),
+      reads: new Map(),
+      presenceLoaded: false,
     };
     convs.set(id, c);
   }
@@ -68,6 +73,21 @@ function start(tok) {
   client.on('synced', () => {
     loadConversations();
   });
+  // Presence, typing and read receipts: ephemeral, shown next to the log.
+  client.on('presence', (p) => {
+    conv(p.conversationId).members.set(p.user, { online: p.online, lastSeen: p.lastSeen });
+    scheduleRender();
+  });
+  client.on('typing', (t) => {
+    conv(t.conversationId).typing.set(t.user, Date.now() + TYPING_SHOWN_MS);
+    scheduleRender();
+    setTimeout(scheduleRender, TYPING_SHOWN_MS + 50);
+  });
+  client.on('read', (r) => {
+    const c = conv(r.conversationId);
+    c.reads.set(r.user, Math.max(c.reads.get(r.user) || 0, r.seq));
+    scheduleRender();
+  });
   client.on('error', (e) => {
     if (e.code === 'gap') toast(`conversation ${e.conversationId}: events ${e.expected}–${e.got - 1} are missing`);
     else toast(`${e.code}: ${e.message}`);
@@ -79,6 +99,11 @@ function start(tok) {
     if (!document.hidden) render();
   });
 }
+
+/** "alice is typing…" stays this long unless renewed. */
+const TYPING_SHOWN_MS = 5000;
+/** The page says "typing" at most this often (the server forwards one per 2 s). */
+const TYPING_EVERY_MS = 1500;
 
 const STATE_LABEL = {
   idle: 'idle',
@@ -124,6 +149,9 @@ function onEvent(e) {
   c.lastSeq = Math.max(c.lastSeq, e.seq);
   c.activity = Math.max(c.activity, Date.parse(e.created_at) || Date.now());
   if (e.event === 'conversation.created' && e.title) c.title = e.title;
+  if (e.event === 'conversation.created') for (const u of e.members || []) if (!c.members.has(u)) c.members.set(u, { online: false, lastSeen: null });
+  if (e.event === 'member.joined' && !c.members.has(e.user)) c.members.set(e.user, { online: false, lastSeen: null });
+  if (e.event === 'member.left') c.members.delete(e.user);
   if (e.event === 'member.left' && e.user === me) c.left = true;
   if (e.event === 'member.joined' && e.user === me) c.left = false;
   if (e.event === 'message.created' && e.sender === me && e.client_msg_id) c.pending.delete(e.client_msg_id);
@@ -180,8 +208,30 @@ function select(id) {
   fragment.set('conversation', String(id));
   history.replaceState(null, '', `#${fragment.toString()}`);
   if (!c.historyLoaded) loadHistory(c, false);
+  if (!c.presenceLoaded) loadPresence(c);
   render();
   $('#composer textarea').focus();
+}
+
+/** Members, their presence and how far each has read (REST: works in any size of conversation). */
+async function loadPresence(c) {
+  try {
+    const { members } = await client.presence(c.id);
+    c.presenceLoaded = true;
+    for (const m of members) {
+      c.members.set(m.user, { online: m.status === 'online', lastSeen: m.last_seen });
+      if (m.user !== me) c.reads.set(m.user, Math.max(c.reads.get(m.user) || 0, m.read_seq));
+    }
+    scheduleRender();
+  } catch (e) {
+    // Not a member any more, or the gateway is away: the pushes still come.
+  }
+}
+
+let lastTyping = 0;
+function typed() {
+  if (!current || Date.now() - lastTyping < TYPING_EVERY_MS) return;
+  if (client.typing(current)) lastTyping = Date.now();
 }
 
 function sendCurrent() {
@@ -224,6 +274,7 @@ function wireForms() {
     e.preventDefault();
     sendCurrent();
   });
+  $('#composer textarea').addEventListener('input', typed);
   $('#composer textarea').addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
@@ -363,6 +414,8 @@ function renderChat() {
     $('#add-member-form').hidden = true;
     $('#older').hidden = true;
     ul.replaceChildren();
+    $('#members').replaceChildren();
+    $('#typing').hidden = true;
     return;
   }
   const c = conv(current);
@@ -399,9 +452,53 @@ function renderChat() {
     time.textContent = p.error ? `not sent: ${p.error.code}` : 'sending…';
     items.push(li);
   }
+  // "seen by bob" under the last message each other member has read.
+  const seenBy = new Map();
+  for (const [user, readSeq] of c.reads) {
+    if (user === me) continue;
+    // Under the last message of someone else's that they have read.
+    const last = seqs
+      .filter((s) => s <= readSeq && c.events.get(s).event === 'message.created' && c.events.get(s).sender !== user)
+      .pop();
+    if (last != null) seenBy.set(last, [...(seenBy.get(last) || []), user]);
+  }
+  for (const li of items) {
+    const users = seenBy.get(Number(li.dataset.seq));
+    if (!users) continue;
+    const seen = document.createElement('span');
+    seen.className = 'seen';
+    seen.dataset.seenBy = users.sort().join(' ');
+    seen.textContent = `seen by ${users.sort().join(', ')}`;
+    li.append(seen);
+  }
   ul.replaceChildren(...items);
+  renderMembers(c);
   if (atBottom || stickToBottom) scroller.scrollTop = scroller.scrollHeight;
   stickToBottom = false;
+}
+
+/** A dot per member (green while online anywhere), and who is typing. */
+function renderMembers(c) {
+  const users = [...c.members.keys()].sort();
+  $('#members').replaceChildren(
+    ...users.map((u) => {
+      const m = c.members.get(u);
+      const li = document.createElement('li');
+      li.dataset.user = u;
+      li.dataset.online = String(u === me || m.online);
+      li.title = m.online || u === me ? `${u}: online` : `${u}: last seen ${m.lastSeen ? new Date(m.lastSeen).toLocaleString() : 'never'}`;
+      const dot = document.createElement('span');
+      dot.className = 'dot';
+      li.append(dot, document.createTextNode(u));
+      return li;
+    }),
+  );
+  const now = Date.now();
+  const typing = [...c.typing].filter(([u, until]) => until > now && u !== me).map(([u]) => u).sort();
+  const el = $('#typing');
+  el.hidden = typing.length === 0;
+  el.dataset.users = typing.join(' ');
+  el.textContent = typing.length === 1 ? `${typing[0]} is typing…` : `${typing.join(', ')} are typing…`;
 }
 
 // ----- toast ---------------------------------------------------------------

@@ -409,9 +409,15 @@ async function openDemo(context, base, user) {
   await page.addInitScript(() => {
     window.__states = [];
     window.__toasts = [];
+    window.__offline = [];
     document.addEventListener('DOMContentLoaded', () => {
       const state = document.querySelector('#state');
       const toast = document.querySelector('#toast');
+      // Every member ever shown offline, with a timestamp.
+      const members = document.querySelector('#members');
+      new MutationObserver(() => {
+        for (const li of members.querySelectorAll('li[data-online="false"]')) window.__offline.push([Date.now(), li.dataset.user]);
+      }).observe(members, { attributes: true, childList: true, subtree: true });
       new MutationObserver(() => window.__states.push([Date.now(), state.dataset.state])).observe(state, {
         attributes: true,
         attributeFilter: ['data-state'],
@@ -513,6 +519,21 @@ test('the demo page in Chromium: two users chat, the worker serving one is SIGKI
     await waitIn(alice, () => [...document.querySelectorAll('#messages li[data-seq] .body')].some((b) => b.textContent.startsWith('hi alice')));
     log(`conversation ${id}: alice → bob and bob → alice through the UI`);
 
+    // Presence: each page shows the other's dot online; alice types and
+    // bob's page says so; alice's page shows "seen by bob" once bob's page
+    // has acknowledged (read) her message.
+    await waitIn(alice, () => document.querySelector('#members li[data-user="bob"]')?.dataset.online === 'true');
+    await waitIn(bob, () => document.querySelector('#members li[data-user="alice"]')?.dataset.online === 'true');
+    await alice.bringToFront();
+    await alice.locator('#composer textarea').fill('typing…');
+    await waitIn(bob, () => {
+      const t = document.querySelector('#typing');
+      return !t.hidden && t.dataset.users === 'alice' && t.textContent === 'alice is typing…';
+    });
+    await alice.locator('#composer textarea').fill('');
+    await waitIn(alice, () => [...document.querySelectorAll('#messages li[data-seq] .seen')].some((s) => s.dataset.seenBy === 'bob'));
+    log('presence: online dots, "alice is typing…" and "seen by bob" shown');
+
     // The worker serving bob's WebSocket: the page shows the `hello` frame's
     // worker id; the supervisor's child with that TETHER_WORKER_ID is it.
     const bobWorker = await pageWorker(bob);
@@ -594,6 +615,11 @@ test('the demo page in Chromium: two users chat, the worker serving one is SIGKI
     assert.equal(await bob.locator('#messages li.pending').count(), 0);
     const gaps = (await bob.evaluate(() => window.__toasts)).filter((t) => /missing/.test(t));
     assert.deepEqual(gaps, [], 'no gap reported on bob\'s page');
+    // Bob's worker died and his page came straight back: alice's page never
+    // showed him offline (the grace period is 60 s).
+    const offline = (await alice.evaluate(() => window.__offline)).filter(([at, u]) => u === 'bob' && at >= killedAt);
+    assert.deepEqual(offline, [], "alice's page showed bob offline after his worker died");
+    assert.equal(await alice.locator('#members li[data-user="bob"]').getAttribute('data-online'), 'true');
     assert.ok(!fs.existsSync(`/proc/${pid}/cmdline`) || !fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8'), `pid ${pid} is still running`);
 
     // Screenshots (bob's is the README's: TETHER_DEMO_SCREENSHOT=docs/demo.png).
