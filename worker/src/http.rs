@@ -1,7 +1,7 @@
 //! HTTP: the accept loop, each connection's lifetime (header timeout,
 //! drain), and dispatch of every request by its [`Route`] to the module
 //! that answers it: [`crate::probes`], [`crate::demo`], [`crate::ws`],
-//! [`crate::members`], [`crate::conversations`].
+//! [`crate::sse`], [`crate::members`], [`crate::conversations`].
 //!
 //! Every error is JSON `{"error":code,"message":...}` with the contract's
 //! status ([`crate::respond`]); 429 and 503 carry `Retry-After` (and
@@ -11,7 +11,8 @@ use crate::phase::Phase;
 use crate::request::{authenticate, bearer};
 use crate::respond::{error_response, fail, retry_response, Body};
 use crate::routes::{ConversationRef, Route};
-use crate::{conversations, demo, members, probes, upgrade, App};
+use crate::sse::Outgoing;
+use crate::{conversations, demo, members, probes, sse, upgrade, App};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -85,7 +86,15 @@ async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
     }
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
+    if req.method() == Method::GET && req.uri().path().trim_end_matches('/') == "/v1/sse" {
+        return sse::open(app, req).await;
+    }
+    answer(app, req).await.map(Outgoing::Left)
+}
+
+/// Every request but an event stream: a whole response.
+async fn answer(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let Some(route) = Route::parse(&method, req.uri().path(), app.config.demo) else {
         return fail(ErrorCode::NotFound, "no such route");
@@ -99,6 +108,8 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 .unwrap_or_else(|| fail(ErrorCode::NotFound, "no such file"))
         }
         Route::WebSocket => return upgrade::upgrade(app, req),
+        // Answered by `handle`, which streams.
+        Route::EventStream => return fail(ErrorCode::NotFound, "no such route"),
         _ => {}
     }
     let user = match authenticate(&app, bearer(&req)) {
@@ -151,6 +162,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             Ok(c) => conversations::list_events(app, user, c, query).await,
             Err(r) => r,
         },
+        (Method::POST, Route::Cursor(c)) => match c.id() {
+            Ok(c) => conversations::move_cursor(app, user, c, req).await,
+            Err(r) => r,
+        },
+        (Method::POST, Route::Tickets) => sse::issue_ticket(&app, &user),
         _ => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

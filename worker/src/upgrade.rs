@@ -7,6 +7,7 @@
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer, query_param};
 use crate::respond::{error_response, json_response, retry_response, Body};
+use crate::wire::Wire;
 use crate::ws::Connection;
 use crate::App;
 use hyper::body::Incoming;
@@ -67,6 +68,78 @@ impl Drop for UserSlot {
     }
 }
 
+/// A connection's places in the worker's limits (per user, per worker),
+/// taken before it runs and given back when dropped. WebSockets and event
+/// streams count alike.
+pub struct Admission {
+    app: Arc<App>,
+    _user_slot: UserSlot,
+}
+
+impl Admission {
+    /// 503 `draining` when the worker drains, 429 `too_many_connections`
+    /// when the user has `--max-connections-per-user` open here, 503
+    /// `too_many_connections` when the worker is full.
+    pub fn take(app: &Arc<App>, user: &Arc<str>) -> Result<Admission, Response<Body>> {
+        if app.phase.get() == Phase::Draining {
+            app.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this worker is draining; reconnect",
+            ));
+        }
+        // The user's slot first: one user cannot take every connection.
+        let Some(user_slot) = app
+            .user_conns
+            .acquire(user, app.config.max_connections_per_user)
+        else {
+            app.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "user={user}: refused, {} connections open on this worker",
+                app.config.max_connections_per_user
+            );
+            return Err(retry_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections of this user on this worker",
+                1,
+            ));
+        };
+        // Reserve the slot now so concurrent connects cannot overshoot.
+        let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission {
+            app: app.clone(),
+            _user_slot: user_slot,
+        };
+        if open as usize >= app.config.max_connections {
+            drop(admission);
+            app.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let mut r = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "this worker is full",
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            return Err(r);
+        }
+        Ok(admission)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.app.live_conns.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
 /// 429 when the user has too many connections here, 503 when draining or
 /// full, 400 for a request that is not a WebSocket
@@ -105,52 +178,10 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             "not a WebSocket handshake (version 13)",
         );
     }
-    if app.phase.get() == Phase::Draining {
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this worker is draining; reconnect",
-        );
-    }
-    // The user's slot first: one user cannot take every connection.
-    let Some(user_slot) = app
-        .user_conns
-        .acquire(&user, app.config.max_connections_per_user)
-    else {
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        log::info!(
-            "user={user}: refused, {} connections open on this worker",
-            app.config.max_connections_per_user
-        );
-        return retry_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections",
-            "too many connections of this user on this worker",
-            1,
-        );
+    let admission = match Admission::take(&app, &user) {
+        Ok(a) => a,
+        Err(r) => return r,
     };
-    // Reserve the slot now so concurrent upgrades cannot overshoot.
-    let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
-    if open as usize >= app.config.max_connections {
-        app.live_conns.fetch_sub(1, Ordering::AcqRel);
-        drop(user_slot);
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        let mut r = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "this worker is full",
-        );
-        r.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-        return r;
-    }
     let on_upgrade = hyper::upgrade::on(req);
     let config = WebSocketConfig::default()
         // Idle sockets are most of a gateway's memory: start small (client
@@ -170,12 +201,11 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                     Some(config),
                 )
                 .await;
-                Connection::run(app.clone(), socket, user).await;
+                Connection::run(app.clone(), Wire::WebSocket(socket), user).await;
             }
             Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
         }
-        drop(user_slot);
-        app.live_conns.fetch_sub(1, Ordering::AcqRel);
+        drop(admission);
     };
     // An idle connection costs this task (about 2.3 KB of future state),
     // its socket's buffers and two channels: see README, Performance.

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "roles_and_history",
         sql: include_str!("../../../migrations/0002_roles_and_history.sql"),
     },
+    Migration {
+        version: 3,
+        name: "sse_tickets",
+        sql: include_str!("../../../migrations/0003_sse_tickets.sql"),
+    },
 ];
 
 /// The advisory lock every schema change takes.

@@ -26,6 +26,7 @@ pub mod membership;
 pub mod migrate;
 pub mod notice;
 mod read;
+mod tickets;
 
 /// The whole current schema, to read (databases are built by [`migrate`]).
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
@@ -39,6 +40,7 @@ pub use membership::{
 };
 pub use notice::{Notice, NoticeKey};
 pub use read::*;
+pub use tickets::redeem_ticket;
 use tether_protocol::error_code::ErrorCode;
 
 use postgres::error::SqlState;

@@ -9,8 +9,8 @@ use super::{Connection, End, MAX_DEFERRED, PAGE};
 use crate::fanout::ConnMsg;
 use crate::frame::Frame;
 use crate::sequencer::Verdict;
+use crate::wire::Out;
 use crate::store;
-use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ impl Connection {
                             None,
                             Some(1),
                         );
-                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                        self.write_now("error", f).await.map_err(|_| End::ClientClosed)?;
                     }
                     self.pause(Duration::from_millis(500), false).await?;
                 }
@@ -111,7 +111,7 @@ impl Connection {
             }
         }
         self.app.metrics.backlog_events.observe(replayed as f64);
-        self.write_now(server::synced())
+        self.write_now("synced", server::synced())
             .await
             .map_err(|_| End::ClientClosed)?;
         log::debug!(
@@ -160,12 +160,12 @@ impl Connection {
             tokio::select! {
                 _ = &mut sleep => return Ok(()),
                 _ = &mut drain => return Err(End::Draining),
-                m = self.ws.next(), if can_read => match m {
+                m = self.wire.next(), if can_read => match m {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
                     Some(Ok(m)) if synced => self.deferred.push_back(m),
                     Some(Ok(Message::Text(_))) | Some(Ok(Message::Binary(_))) => {
                         let f = server::error("not_synced", "wait for synced before sending", None, Some(1));
-                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                        self.write_now("error", f).await.map_err(|_| End::ClientClosed)?;
                     }
                     Some(Ok(_)) => {}
                 },
@@ -178,7 +178,7 @@ impl Connection {
     async fn write_frame(&mut self, f: &Frame) -> Result<(), End> {
         match self.seq.offer(f) {
             Verdict::Write => self
-                .write(f.text.clone())
+                .write(Out::Event(f))
                 .await
                 .map_err(|_| End::ClientClosed),
             Verdict::Skip => Ok(()),
@@ -264,7 +264,7 @@ impl Connection {
             match self.seq.offer(&f) {
                 Verdict::Write => {
                     return self
-                        .write(f.text.clone())
+                        .write(Out::Event(&f))
                         .await
                         .map_err(|_| End::ClientClosed)
                 }
