@@ -172,10 +172,7 @@ pub async fn open(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
             }
             Err(e) => return refused(&app, e),
         },
-        None => match authenticate(
-            &app,
-            bearer(&req).or_else(|| query_param(query, "token")),
-        ) {
+        None => match authenticate(&app, bearer(&req).or_else(|| query_param(query, "token"))) {
             Ok(u) => u,
             Err(r) => return r.map(Outgoing::Left),
         },
@@ -205,7 +202,10 @@ pub async fn open(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
     let mut r = Response::new(Outgoing::Right(SseBody { rx }));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    h.insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
     // nginx buffers responses unless told not to; a stream must not wait.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
@@ -235,7 +235,10 @@ mod tests {
         let mut buf = BytesMut::new();
         let f = Frame::test(7, 42, MembershipChange::None);
         encode(&mut buf, Out::Event(&f));
-        encode(&mut buf, Out::Control("synced", r#"{"type":"synced"}"#.into()));
+        encode(
+            &mut buf,
+            Out::Control("synced", r#"{"type":"synced"}"#.into()),
+        );
         assert_eq!(
             &buf[..],
             b"id: 7:42\nevent: event\ndata: 7:42\n\nevent: synced\ndata: {\"type\":\"synced\"}\n\n"

@@ -40,8 +40,8 @@ pub use membership::{
 };
 pub use notice::{Notice, NoticeKey};
 pub use read::*;
-pub use tickets::redeem_ticket;
 use tether_protocol::error_code::ErrorCode;
+pub use tickets::redeem_ticket;
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};

@@ -9,8 +9,8 @@ use super::{Connection, End, MAX_DEFERRED, PAGE};
 use crate::fanout::ConnMsg;
 use crate::frame::Frame;
 use crate::sequencer::Verdict;
-use crate::wire::Out;
 use crate::store;
+use crate::wire::Out;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +36,9 @@ impl Connection {
                             None,
                             Some(1),
                         );
-                        self.write_now("error", f).await.map_err(|_| End::ClientClosed)?;
+                        self.write_now("error", f)
+                            .await
+                            .map_err(|_| End::ClientClosed)?;
                     }
                     self.pause(Duration::from_millis(500), false).await?;
                 }

@@ -24,8 +24,8 @@ use crate::request::check_body;
 use crate::sequencer::Sequencer;
 use crate::store::StoreFailure;
 use crate::store::{NewMessage, StoreError};
-use crate::App;
 use crate::wire::{Close as End, Gone, Out, Wire};
+use crate::App;
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,8 +197,7 @@ impl Connection {
         } else {
             SSE_PING.min(idle / 2)
         };
-        let mut ticker =
-            tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pinged = false;
         loop {

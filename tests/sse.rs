@@ -1,0 +1,498 @@
+//! The Server-Sent Events transport, end to end: real `tether-worker`
+//! processes, a throwaway PostgreSQL, a raw streaming HTTP client
+//! ([`SseClient`]) that sees every event, comment and end of stream.
+//!
+//! - `GET /v1/sse`: `retry:`, hello, the backlog (each event with `id:
+//!   conversation:seq`), synced, live; Bearer and `?token=`; comment pings;
+//! - one-time tickets: accepted once, on any worker; reuse (also on
+//!   another worker), expiry, forgery and garbage refused;
+//! - `POST .../cursor`: forward only, never past the last seq, 404 for a
+//!   non-member, bad bodies refused; the next stream replays from it;
+//! - a removed member's stream gets their `member.left` and nothing after;
+//! - connection limits count streams with WebSockets; a drain ends a
+//!   stream with `event: draining`;
+//! - a worker SIGKILLed under a subscriber while messages are sent:
+//!   nothing acknowledged is lost, no gap, no reorder.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tether_testkit::*;
+use tether_worker::tickets::{now_ms, TicketKey};
+
+const T: Duration = Duration::from_secs(20);
+
+async fn post(addr: SocketAddr, user: &str, path: &str, body: Value) -> HttpResponse {
+    http(addr, "POST", path, Some(&tok(user)), Some(&body)).await
+}
+
+async fn send(addr: SocketAddr, user: &str, c: i64, body: &str) -> i64 {
+    let r = post(
+        addr,
+        user,
+        &format!("/v1/conversations/{c}/messages"),
+        json!({ "body": body }),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["seq"].as_i64().unwrap()
+}
+
+async fn stream(addr: SocketAddr, user: &str) -> SseClient {
+    SseClient::connect(addr, "/v1/sse", Some(&tok(user)))
+        .await
+        .unwrap_or_else(|e| panic!("stream of {user}: {e:?}"))
+}
+
+async fn ticket(addr: SocketAddr, user: &str) -> String {
+    let r = post(addr, user, "/v1/sse/tickets", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["expires_in"], 30);
+    r.json()["ticket"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_stream_gets_hello_backlog_synced_then_live() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
+    for i in 0..3 {
+        send(w.addr(), "alice", c, &format!("m{i}")).await;
+    }
+    let mut bob = stream(w.addr(), "bob").await;
+    assert_eq!(bob.header("content-type"), Some("text/event-stream"));
+    let backlog = bob.read_until_synced(T).await;
+    assert_eq!(
+        bob.retry,
+        Some(1000),
+        "EventSource comes back within a second"
+    );
+    let hello = bob.hello.clone().unwrap();
+    assert_eq!(
+        (hello["user"].clone(), hello["worker"].clone()),
+        (json!("bob"), json!(w.worker_id()))
+    );
+    assert_eq!(event_seqs(&backlog), [1, 2, 3, 4]);
+    assert_eq!(backlog[0]["event"], "conversation.created");
+    assert_eq!(backlog[3]["body"], "m2");
+    // Live, with the WebSocket's event JSON.
+    let seq = send(w.addr(), "alice", c, "live").await;
+    let ev = match bob.next_event(T).await {
+        SseRead::Event(e) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (ev.event.as_str(), ev.id.clone()),
+        ("event", Some(format!("{c}:{seq}")))
+    );
+    let v = ev.json();
+    assert_eq!(
+        (v["type"].clone(), v["body"].clone(), v["sender"].clone()),
+        (json!("event"), json!("live"), json!("alice"))
+    );
+    // `?token=` works too (for tools), and the same stream follows.
+    let path = format!("/v1/sse?token={}", tok("bob"));
+    let mut again = SseClient::connect(w.addr(), &path, None).await.unwrap();
+    assert_eq!(
+        event_seqs(&again.read_until_synced(T).await),
+        [1, 2, 3, 4, 5]
+    );
+    // No token, a bad token: 401 before any stream.
+    for (path, token) in [
+        ("/v1/sse", None),
+        ("/v1/sse", Some("x.y.z")),
+        ("/v1/sse?token=nope", None),
+    ] {
+        let e = SseClient::connect(w.addr(), path, token)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.0, 401, "{path} {token:?}: {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_stream_gets_comment_pings() {
+    let db = TestDb::new_async().await;
+    // Pings every min(15 s, idle/2): 1 s here.
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--idle-timeout-secs", "2"], &[]);
+    let mut bob = stream(w.addr(), "bob").await;
+    bob.read_until_synced(T).await;
+    let r = bob.next_event(Duration::from_secs(5)).await;
+    assert!(matches!(r, SseRead::Timeout), "{r:?}");
+    assert!(bob.comments >= 2, "{} pings in 5 s", bob.comments);
+}
+
+#[tokio::test]
+async fn tickets_open_one_stream_once_on_any_worker() {
+    let db = TestDb::new_async().await;
+    let w1 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let w2 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let c = create_conversation(w1.addr(), "alice", &["bob"]).await;
+    let t = ticket(w1.addr(), "bob").await;
+    assert!(!t.contains("bob"), "the user is not readable in the URL");
+    // Issued on w1, used on w2: accepted, as bob.
+    let mut s = SseClient::connect(w2.addr(), &format!("/v1/sse?ticket={t}"), None)
+        .await
+        .unwrap();
+    assert_eq!(event_seqs(&s.read_until_synced(T).await), [1]);
+    assert_eq!(s.hello.as_ref().unwrap()["user"], "bob");
+    send(w1.addr(), "alice", c, "hi").await;
+    assert!(s.recv_until(T, |v| v["body"] == "hi").await.is_some());
+    // Used again, on either worker: refused.
+    for w in [&w1, &w2] {
+        let e = SseClient::connect(w.addr(), &format!("/v1/sse?ticket={t}"), None)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.0, 401, "{e:?}");
+        assert!(e.1.contains("already used"), "{e:?}");
+    }
+    // Expired, forged (another key), altered, garbage: refused.
+    let key = TicketKey::derive(TEST_SECRET.as_bytes());
+    let id = "00112233445566778899aabbccddeeff";
+    let expired = key.issue_raw(id, "bob", now_ms() - 1);
+    let forged = TicketKey::derive(b"not the server's secret, 32 bytes").issue_raw(
+        id,
+        "bob",
+        now_ms() + 30_000,
+    );
+    let good = key.issue_raw(id, "bob", now_ms() + 30_000);
+    let altered = good.replacen("0011", "1011", 1);
+    for (what, t) in [
+        ("expired", expired.as_str()),
+        ("forged", forged.as_str()),
+        ("altered", altered.as_str()),
+        ("garbage", "%00%ff..."),
+        ("empty", ""),
+    ] {
+        let e = SseClient::connect(w1.addr(), &format!("/v1/sse?ticket={t}"), None)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what} ticket accepted"));
+        assert_eq!(e.0, 401, "{what}: {e:?}");
+    }
+    // A well-signed ticket is good once even when made outside POST.
+    assert!(
+        SseClient::connect(w1.addr(), &format!("/v1/sse?ticket={good}"), None)
+            .await
+            .is_ok()
+    );
+    // Tickets need a token; GET is not how to get one.
+    let r = http(w1.addr(), "POST", "/v1/sse/tickets", None, Some(&json!({}))).await;
+    assert_eq!(r.status, 401);
+    let r = http(w1.addr(), "GET", "/v1/sse/tickets", Some(&tok("bob")), None).await;
+    assert_eq!(r.status, 405);
+    // A used record outlives nothing it must: the table holds ids only.
+    let used = db
+        .query_i64_async("SELECT count(*) FROM sse_tickets_used")
+        .await;
+    assert_eq!(used, 2);
+}
+
+#[tokio::test]
+async fn the_cursor_moves_forward_only_and_the_next_stream_replays_from_it() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
+    for i in 0..4 {
+        send(w.addr(), "alice", c, &format!("m{i}")).await;
+    }
+    let path = format!("/v1/conversations/{c}/cursor");
+    let cursor = |r: HttpResponse| (r.status, r.json()["cursor"].clone());
+    assert_eq!(
+        cursor(post(w.addr(), "bob", &path, json!({"seq": 3})).await),
+        (200, json!(3))
+    );
+    // Never back.
+    assert_eq!(
+        cursor(post(w.addr(), "bob", &path, json!({"seq": 2})).await),
+        (200, json!(3))
+    );
+    // Never past the last seq (5).
+    let r = post(w.addr(), "bob", &path, json!({"seq": 6})).await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (422, json!("invalid_seq"))
+    );
+    // Bad bodies.
+    for body in [
+        json!({}),
+        json!({"seq": "3"}),
+        json!({"seq": -1}),
+        json!({"seq": 1.5}),
+        json!([3]),
+    ] {
+        let r = post(w.addr(), "bob", &path, body.clone()).await;
+        assert!(
+            r.status == 422 || r.status == 400,
+            "{body}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    let r = http_raw(w.addr(), "POST", &path, Some(&tok("bob")), b"{not json").await;
+    assert_eq!(r.status, 400);
+    // Non-members and conversations that do not exist: 404 alike.
+    let r = post(w.addr(), "carol", &path, json!({"seq": 1})).await;
+    assert_eq!(r.status, 404);
+    let r = post(
+        w.addr(),
+        "bob",
+        "/v1/conversations/999/cursor",
+        json!({"seq": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = post(
+        w.addr(),
+        "bob",
+        "/v1/conversations/x/cursor",
+        json!({"seq": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = post(w.addr(), "bob", &path, json!({"seq": 1})).await;
+    assert_eq!(cursor(r), (200, json!(3)));
+    // The stream replays from cursor + 1.
+    let mut bob = stream(w.addr(), "bob").await;
+    assert_eq!(event_seqs(&bob.read_until_synced(T).await), [4, 5]);
+    assert_eq!(
+        cursor(post(w.addr(), "bob", &path, json!({"seq": 5})).await),
+        (200, json!(5))
+    );
+    let mut bob = stream(w.addr(), "bob").await;
+    assert!(bob.read_until_synced(T).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_removed_members_stream_gets_nothing_after_member_left() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
+    let mut bob = stream(w.addr(), "bob").await;
+    bob.read_until_synced(T).await;
+    send(w.addr(), "alice", c, "before").await;
+    assert!(bob.recv_until(T, |v| v["body"] == "before").await.is_some());
+    let r = http(
+        w.addr(),
+        "DELETE",
+        &format!("/v1/conversations/{c}/members/bob"),
+        Some(&tok("alice")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    send(w.addr(), "alice", c, "SECRET").await;
+    // A later conversation with bob: its event comes after the secret.
+    let marker = create_conversation(w.addr(), "alice", &["bob"]).await;
+    let mut seen = Vec::new();
+    while let Some(v) = bob.recv_until(T, |_| true).await {
+        seen.push(v.clone());
+        if v["conversation_id"] == marker {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|v| v["event"] == "member.left" && v["user"] == "bob"),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|v| v["body"] == "SECRET"), "{seen:?}");
+    assert_eq!(seen.last().unwrap()["conversation_id"], marker, "{seen:?}");
+    // And bob can move no cursor there, nor replay it.
+    let r = post(
+        w.addr(),
+        "bob",
+        &format!("/v1/conversations/{c}/cursor"),
+        json!({"seq": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let mut again = stream(w.addr(), "bob").await;
+    let backlog = again.read_until_synced(T).await;
+    assert!(
+        backlog.iter().all(|v| v["conversation_id"] == marker),
+        "{backlog:?}"
+    );
+}
+
+#[tokio::test]
+async fn streams_count_with_websockets_and_a_drain_ends_them() {
+    let db = TestDb::new_async().await;
+    let mut w = WorkerProc::spawn(
+        &db.url(),
+        TEST_SECRET,
+        &["--max-connections-per-user", "2"],
+        &[],
+    );
+    let (_ws, _) = ws_connect(&w, "bob").await;
+    let mut s = stream(w.addr(), "bob").await;
+    s.read_until_synced(T).await;
+    let e = SseClient::connect(w.addr(), "/v1/sse", Some(&tok("bob")))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.0, 429, "{e:?}");
+    let e = WsClient::connect(&w.ws_url(), &tok("bob"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.status(), Some(429));
+    // A ticket is not burnt by a refused stream: it fails before the use.
+    let t = ticket(w.addr(), "bob").await;
+    let e = SseClient::connect(w.addr(), &format!("/v1/sse?ticket={t}"), None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.0, 429);
+    // Others are unaffected.
+    let mut carol = stream(w.addr(), "carol").await;
+    carol.read_until_synced(T).await;
+    // Drain: `event: draining`, then the end of the stream.
+    assert!(w.signal(libc::SIGTERM));
+    let mut last = None;
+    loop {
+        match s.next_event(T).await {
+            SseRead::Event(e) => last = Some(e),
+            SseRead::Ended => break,
+            SseRead::Timeout => panic!("the stream did not end on drain"),
+        }
+    }
+    let last = last.expect("draining");
+    assert_eq!(last.event, "draining");
+    assert!(w.wait_exit_async(T).await.is_some());
+}
+
+/// Reads one event of conversation `c` into `last`, checking there is no
+/// gap and no reorder (repeats are dropped); `None` when the stream ended.
+async fn next_seq(s: &mut SseClient, c: i64, last: &mut i64) -> Option<()> {
+    loop {
+        match s.next_event(T).await {
+            SseRead::Event(e) if e.event == "event" => {
+                let v = e.json();
+                if v["conversation_id"] != c {
+                    continue;
+                }
+                let seq = v["seq"].as_i64().unwrap();
+                assert!(seq <= *last + 1, "gap: {seq} after {last}");
+                *last = (*last).max(seq);
+                return Some(());
+            }
+            SseRead::Event(_) => {}
+            SseRead::Ended => return None,
+            SseRead::Timeout => panic!("stalled at {last}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_under_a_subscriber_loses_nothing_acknowledged() {
+    let db = TestDb::new_async().await;
+    let mut w1 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let w2 = WorkerProc::spawn(&db.url(), TEST_SECRET, &[], &[]);
+    let (a1, a2) = (w1.addr(), w2.addr());
+    let c = create_conversation(a1, "alice", &["bob"]).await;
+    const N: usize = 300;
+    // The sender: to w1 while it lives, then to w2, retrying each
+    // unanswered send with the same client_msg_id. Half-way it waits for
+    // the kill, so the kill certainly falls while it sends.
+    let (killed_tx, mut killed_rx) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn(async move {
+        let mut acked = HashMap::new();
+        let mut target = a1;
+        let mut moved_at = None;
+        for i in 0..N {
+            if i == N / 2 {
+                let _ = killed_rx.wait_for(|k| *k).await;
+            }
+            let id = format!("k{i:04}");
+            let body = json!({"body": format!("m{i}"), "client_msg_id": id});
+            loop {
+                let path = format!("/v1/conversations/{c}/messages");
+                let bytes = serde_json::to_vec(&body).unwrap();
+                match try_http_raw(
+                    target,
+                    "POST",
+                    &path,
+                    Some(&tok("alice")),
+                    None,
+                    Some(&bytes),
+                )
+                .await
+                {
+                    Ok(r) if r.status == 201 || r.status == 200 => {
+                        acked.insert(id, r.json()["seq"].as_i64().unwrap());
+                        break;
+                    }
+                    _ => {
+                        moved_at.get_or_insert(i);
+                        target = a2;
+                    }
+                }
+            }
+        }
+        (acked, moved_at)
+    });
+    // The subscriber, on w1: acks over HTTP every 25 events.
+    let mut bob = stream(a1, "bob").await;
+    let mut last = 0;
+    for v in bob.read_until_synced(T).await {
+        let seq = v["seq"].as_i64().unwrap();
+        assert_eq!(seq, last + 1, "the backlog is contiguous");
+        last = seq;
+    }
+    while last < 60 {
+        next_seq(&mut bob, c, &mut last)
+            .await
+            .expect("the stream ended early");
+        if last % 25 == 0 {
+            post(
+                a1,
+                "bob",
+                &format!("/v1/conversations/{c}/cursor"),
+                json!({"seq": last}),
+            )
+            .await;
+        }
+    }
+    assert!(w1.signal(libc::SIGKILL));
+    assert!(w1.wait_exit_async(T).await.is_some());
+    killed_tx.send_replace(true);
+    // The stream ends (whatever was in flight may or may not arrive).
+    while next_seq(&mut bob, c, &mut last).await.is_some() {}
+    let before = last;
+    // Reconnect to the survivor; replay from the cursor, drop repeats.
+    let mut bob = stream(a2, "bob").await;
+    for v in bob.read_until_synced(T).await {
+        let seq = v["seq"].as_i64().unwrap();
+        assert!(seq <= last + 1, "gap in the backlog: {seq} after {last}");
+        last = last.max(seq);
+    }
+    let (acked, moved_at) = sender.await.unwrap();
+    let moved_at = moved_at.expect("sends went on after the kill");
+    let top = acked.values().copied().max().unwrap();
+    while last < top {
+        next_seq(&mut bob, c, &mut last)
+            .await
+            .expect("the stream ended");
+    }
+    // Every send acknowledged has its own seq, all of them delivered.
+    assert_eq!(acked.len(), N);
+    let mut seqs: Vec<i64> = acked.values().copied().collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), N, "one event per client_msg_id");
+    assert_eq!(top, N as i64 + 1);
+    eprintln!(
+        "killed with {before} delivered, the sender moved at send {moved_at}; \
+         all {N} acknowledged sends arrived in order"
+    );
+    let in_db = db
+        .query_i64_async(&format!(
+            "SELECT count(*) FROM events WHERE conversation_id = {c}"
+        ))
+        .await;
+    assert_eq!(in_db, N as i64 + 1);
+}
