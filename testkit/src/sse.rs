@@ -247,7 +247,7 @@ impl SseClient {
                     out.push(v);
                 }
                 // The database is down at connect: the backlog follows.
-                SseRead::Event(e) if e.event == "error" => {}
+                SseRead::Event(e) if e.event == "failure" => {}
                 other => panic!("before synced: {other:?}"),
             }
         }

@@ -6,7 +6,8 @@
 //! catch-up, limits, drain), only its [`Wire`] is an [`SseSink`]. So
 //! delivery, order, gap repair and the membership rules are one code path
 //! for both transports. Each frame becomes one event: `event:` is the
-//! frame's `type` (`hello`, `synced`, `event`, `error`), `data:` its JSON
+//! frame's `type` (`hello`, `synced`, `event`; `failure` for an `error`
+//! frame, since `error` is `EventSource`'s own event), `data:` its JSON
 //! (one line: JSON escapes every line break), and an event of the log also
 //! carries `id: <conversation_id>:<seq>`. The stream starts with `retry:`
 //! so an `EventSource` comes back within a second, and ends after `event:
@@ -117,8 +118,11 @@ fn encode(buf: &mut BytesMut, out: Out<'_>) {
             buf.extend_from_slice(f.text.as_bytes());
         }
         Out::Control(kind, text) => {
+            // `error` is EventSource's own event (a lost connection): the
+            // WebSocket's error frame is named `failure` here.
+            let name = if kind == "error" { "failure" } else { kind };
             buf.extend_from_slice(b"event: ");
-            buf.extend_from_slice(kind.as_bytes());
+            buf.extend_from_slice(name.as_bytes());
             buf.extend_from_slice(b"\ndata: ");
             buf.extend_from_slice(text.as_bytes());
         }
