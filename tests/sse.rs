@@ -496,3 +496,83 @@ async fn a_worker_killed_under_a_subscriber_loses_nothing_acknowledged() {
         .await;
     assert_eq!(in_db, N as i64 + 1);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_is_not_read_is_cut_and_replays_later() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--outbound-queue", "64"], &[]);
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
+    let mut bob = stream(w.addr(), "bob").await;
+    bob.read_until_synced(T).await;
+    let rss_before = rss_kib(w.pid());
+    // bob stops reading; alice sends 5,000 events of ~4 KB (20 MB: more
+    // than the kernel's socket buffers hold), through a second worker with
+    // large queues, so that only bob can be the slow one.
+    let w2 = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--outbound-queue", "100000"], &[]);
+    let mut alice = WsClient::connect(&w2.ws_url(), &tok("alice"))
+        .await
+        .unwrap();
+    alice.read_until_synced(T).await;
+    const N: usize = 5_000;
+    let body = "x".repeat(4000);
+    let (mut sent, mut acked) = (0, 0);
+    while acked < N {
+        while sent < N && sent - acked < 256 {
+            alice
+                .send_json(&json!({"type":"send","conversation_id":c,"body":body,"client_msg_id":format!("s{sent}")}))
+                .await;
+            sent += 1;
+        }
+        if let WsEvent::Json(v) = alice.next_event(T).await {
+            if v["type"] == "sent" {
+                acked += 1;
+            }
+        }
+    }
+    let addr = w.addr();
+    assert!(
+        wait_until_async(T, Duration::from_millis(50), || async move {
+            metric(&metrics_of(addr).await, "tether_slow_client_closes_total") >= 1.0
+        })
+        .await,
+        "bob was never cut"
+    );
+    let rss_after = rss_kib(w.pid());
+    eprintln!("worker RSS: {rss_before} KiB before, {rss_after} KiB after {N} events of 4 KB to a stream not read");
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "memory must stay bounded: {rss_before} -> {rss_after} KiB"
+    );
+    // bob reads again: what was in flight (in order, no gap), then the end.
+    let mut last = 1;
+    loop {
+        match bob.next_event(Duration::from_secs(60)).await {
+            SseRead::Event(e) if e.event == "event" => {
+                let seq = e.json()["seq"].as_i64().unwrap();
+                assert_eq!(seq, last + 1, "in order, no gap, before the cut");
+                last = seq;
+            }
+            SseRead::Event(e) => panic!("{e:?}"),
+            SseRead::Ended => break,
+            SseRead::Timeout => panic!("the stream was not ended"),
+        }
+    }
+    assert!(last < N as i64 + 1, "bob was cut before the end ({last})");
+    // On reconnect bob replays everything from his cursor (0), in order.
+    let mut bob = stream(w.addr(), "bob").await;
+    let backlog = bob.read_until_synced(Duration::from_secs(120)).await;
+    assert_eq!(event_seqs(&backlog), (1..=N as i64 + 1).collect::<Vec<_>>());
+}
