@@ -48,6 +48,10 @@ pub enum Close {
 }
 
 /// What carries a connection's frames.
+// The WebSocket is the common case and stays inline, as before the enum: an
+// event stream leaves some 290 bytes unused rather than every WebSocket
+// paying an allocation and an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Wire {
     WebSocket(Socket),
     EventStream(SseSink),
