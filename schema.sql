@@ -20,7 +20,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     -- Who reads the history from before they joined: 'since_join' (members
     -- see the conversation from their own member.joined on) or 'shared'.
     history     text        NOT NULL DEFAULT 'since_join'
-                CHECK (history IN ('since_join', 'shared'))
+                CHECK (history IN ('since_join', 'shared')),
+    -- Retention: the highest seq pruned (0: nothing). Events at or below it
+    -- are gone; reads start above it. Raised only by the prune job, under
+    -- this row's lock, in the transaction that deletes them.
+    horizon_seq bigint      NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS members (

@@ -665,6 +665,16 @@ impl Task {
                     }
                 }
             }
+            ServerFrame::Truncated {
+                conversation_id,
+                from_seq,
+            } => {
+                self.tracker.truncated(conversation_id, from_seq);
+                self.emit(ClientEvent::Truncated {
+                    conversation_id,
+                    from_seq,
+                });
+            }
             ServerFrame::Pong | ServerFrame::Unknown => {}
         }
         None

@@ -287,6 +287,13 @@ pub enum ClientEvent {
     Event(Event),
     /// The backlog of this connection is delivered.
     Synced,
+    /// The server's history of the conversation starts at `from_seq`
+    /// (older events were pruned by its retention): events continue from
+    /// there, gap-free. Shown to a member who was behind the horizon.
+    Truncated {
+        conversation_id: i64,
+        from_seq: i64,
+    },
     State(ConnState),
     Error(ClientError),
 }

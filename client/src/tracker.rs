@@ -108,6 +108,14 @@ impl Tracker {
         }
     }
 
+    /// The server pruned the conversation's history below `from_seq`
+    /// (retention): the next event is `from_seq`, not a gap.
+    pub fn truncated(&mut self, conversation_id: i64, from_seq: i64) {
+        let c = self.convs.entry(conversation_id).or_default();
+        c.last = c.last.max(from_seq - 1);
+        c.conn_high = c.conn_high.max(from_seq - 1);
+    }
+
     /// The application acknowledges up to `seq` (clamped to what it was
     /// delivered). False if nothing was delivered in that conversation.
     pub fn ack(&mut self, conversation_id: i64, seq: i64, now: Instant) -> bool {
@@ -255,6 +263,20 @@ mod tests {
         assert_eq!(consume(&mut t, 2, 3, now), Seen::Gap { expected: 2 });
         assert_eq!(t.last(1), 10);
         assert_eq!(t.last(3), 0);
+    }
+
+    #[test]
+    fn a_truncation_is_not_a_gap() {
+        let mut t = tracker(1000);
+        let now = Instant::now();
+        assert_eq!(consume(&mut t, 1, 2, now), Seen::New);
+        t.truncated(1, 16);
+        assert_eq!(consume(&mut t, 1, 16, now), Seen::New);
+        t.truncated(2, 3);
+        assert_eq!(consume(&mut t, 2, 2, now), Seen::Duplicate);
+        assert_eq!(consume(&mut t, 2, 3, now), Seen::New);
+        t.truncated(1, 5);
+        assert_eq!(t.last(1), 16, "never goes back");
     }
 
     #[test]

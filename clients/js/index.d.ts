@@ -47,6 +47,20 @@ export interface SyncedInfo {
   worker: string | null;
 }
 
+/**
+ * The server's history of a conversation starts at `from_seq`: older
+ * events were pruned by its retention while this user was behind. Events
+ * continue from there, gap-free.
+ */
+export interface TruncatedInfo {
+  conversation_id: number;
+  from_seq: number;
+  /** Alias of conversation_id. */
+  conversationId: number;
+  /** Alias of from_seq. */
+  fromSeq: number;
+}
+
 export interface SendResult {
   seq: number;
   /** True when the server had already committed this client_msg_id (a retry). */
@@ -166,6 +180,7 @@ export type Listener<T> = (value: T) => unknown;
 export interface TetherEventMap {
   event: TetherEvent;
   synced: SyncedInfo;
+  truncated: TruncatedInfo;
   state: StateChange;
   error: TetherError;
   /** The client fell back to another transport. */

@@ -30,12 +30,14 @@
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{chown, geteuid, Gid, Pid, Uid, User};
+mod bouncer;
 mod replica;
 mod system;
 mod temp;
 #[cfg(test)]
 mod tests;
 
+pub use bouncer::PgBouncer;
 pub use system::find_pg_bin;
 use system::*;
 use temp::*;

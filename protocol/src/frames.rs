@@ -254,6 +254,13 @@ pub enum ServerFrame {
         retry_after: Option<f64>,
     },
     Pong,
+    /// The conversation's history below `from_seq` was pruned (retention)
+    /// while the connection's position was below it: events continue,
+    /// gap-free, from `from_seq`.
+    Truncated {
+        conversation_id: i64,
+        from_seq: i64,
+    },
     #[serde(other)]
     Unknown,
 }
@@ -272,6 +279,13 @@ pub mod server {
 
     pub fn pong() -> String {
         r#"{"type":"pong"}"#.to_string()
+    }
+
+    /// History below `from_seq` is gone (retention): what follows in this
+    /// conversation starts there.
+    pub fn truncated(conversation_id: i64, from_seq: i64) -> String {
+        json!({"type": "truncated", "conversation_id": conversation_id, "from_seq": from_seq})
+            .to_string()
     }
 
     pub fn sent(client_msg_id: &str, conversation_id: i64, seq: i64, duplicate: bool) -> String {

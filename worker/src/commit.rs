@@ -13,7 +13,7 @@ use crate::fanout::Dispatcher;
 use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::store::{
-    self, AppendStatements, Appended, DbSettings, NewMessage, NoticeKey, StoreError,
+    self, AppendStatements, Appended, DbSettings, NewMessage, NoticeKey, Pooler, StoreError,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -219,7 +219,10 @@ fn lane_loop(
                 }
             }
             match settings.connect().and_then(|mut c| {
-                let stmts = AppendStatements::prepare(&mut c, &key)?;
+                let stmts = match settings.pooler {
+                    Pooler::None => AppendStatements::prepare(&mut c, &key)?,
+                    Pooler::Transaction => AppendStatements::one_shot(&key),
+                };
                 Ok((c, stmts))
             }) {
                 Ok(c) => {

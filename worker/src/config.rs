@@ -208,6 +208,56 @@ pub struct WorkerOptions {
         hide_env_values = true
     )]
     pub read_database_url: Option<String>,
+    /// What stands between tether and PostgreSQL at DATABASE_URL (and
+    /// --read-database-url): `none`, or `transaction` for a pooler in
+    /// transaction mode such as PgBouncer's `pool_mode = transaction`
+    /// (no named prepared statements, no session settings; LISTEN then
+    /// needs --listen-database-url).
+    #[arg(
+        long,
+        env = "TETHER_DATABASE_POOLER",
+        value_name = "none|transaction",
+        default_value = "none",
+        value_enum
+    )]
+    pub database_pooler: crate::store::Pooler,
+    /// A direct connection to the primary for LISTEN (notifications need
+    /// a session of their own, which a transaction-mode pooler does not
+    /// give) [default: DATABASE_URL].
+    #[arg(
+        long,
+        env = "TETHER_LISTEN_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub listen_database_url: Option<String>,
+    /// Retention: events kept per conversation, the newest (0 = keep
+    /// all). Older ones are pruned; a member behind gets `truncated`.
+    #[arg(
+        long,
+        env = "TETHER_RETENTION_MAX_EVENTS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub retention_max_events: u64,
+    /// Retention: days an event is kept (0 = forever).
+    #[arg(
+        long,
+        env = "TETHER_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 0
+    )]
+    pub retention_days: u64,
+    /// How often a worker runs the retention job (one worker at a time
+    /// prunes), in seconds.
+    #[arg(
+        long,
+        env = "TETHER_PRUNE_INTERVAL_SECS",
+        value_name = "SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub prune_interval_secs: u64,
 }
 
 /// `--demo`'s values: on/1/true/yes and off/0/false/no.
@@ -340,6 +390,14 @@ pub struct WorkerConfig {
     pub demo: bool,
     pub log_format: crate::logging::LogFormat,
     pub read_database_url: Option<String>,
+    /// What stands between tether and PostgreSQL.
+    pub database_pooler: crate::store::Pooler,
+    /// The direct connection LISTEN uses (None: `database_url`).
+    pub listen_database_url: Option<String>,
+    /// What the retention job keeps.
+    pub retention: crate::store::retain::Retention,
+    /// How often the retention job runs.
+    pub prune_interval: Duration,
 }
 
 impl WorkerArgs {
@@ -392,6 +450,13 @@ impl WorkerArgs {
             demo: o.demo,
             log_format: o.log_format,
             read_database_url: o.read_database_url,
+            database_pooler: o.database_pooler,
+            listen_database_url: o.listen_database_url,
+            retention: crate::store::retain::Retention {
+                max_events: o.retention_max_events.min(i64::MAX as u64) as i64,
+                max_age: Duration::from_secs(o.retention_days.saturating_mul(86_400)),
+            },
+            prune_interval: Duration::from_secs(o.prune_interval_secs),
         }
     }
 }

@@ -557,6 +557,28 @@ impl State {
                 conv.fetching = false;
             }
         }
+        // History pruned by retention: seqs commit in order (writers hold
+        // the conversation's row lock), so a committed read that starts
+        // above where it was asked from met deleted events. The
+        // conversation moves past them; each connection meets the same
+        // hole in its own read and tells its client `truncated`.
+        let mut first: HashMap<i64, i64> = HashMap::new();
+        for f in &frames {
+            first
+                .entry(f.conversation_id)
+                .and_modify(|s| *s = (*s).min(f.seq))
+                .or_insert(f.seq);
+        }
+        for (c, after) in &positions {
+            let (Some(conv), Some(first)) = (self.convs.get_mut(c), first.get(c)) else {
+                continue;
+            };
+            if *first > after + 1 && first - 1 > conv.upto {
+                conv.upto = first - 1;
+                conv.hinted = conv.hinted.split_off(first);
+                conv.pending = conv.pending.split_off(first);
+            }
+        }
         for f in frames {
             let c = f.conversation_id;
             if !asked.contains_key(&c) {

@@ -55,6 +55,7 @@ pub mod members;
 pub mod metrics;
 pub mod phase;
 pub mod probes;
+pub mod prune;
 pub mod ratelimit;
 pub mod recent;
 pub mod request;
@@ -341,7 +342,14 @@ where
 /// going away).
 pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option<PublicKey>) -> u8 {
     let worker = config.worker_id.clone();
-    let settings = DbSettings::new(&config.database_url);
+    let settings = DbSettings::new(&config.database_url).through(config.database_pooler);
+    // LISTEN needs a session of its own: a direct connection.
+    let listen_settings = DbSettings::new(
+        config
+            .listen_database_url
+            .as_deref()
+            .unwrap_or(&config.database_url),
+    );
     let pool = match store::pool(
         &settings.named(&format!("tether-pool {worker}")),
         config.pool_size,
@@ -364,7 +372,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
     let dispatcher = Dispatcher::start(
         recent.clone(),
         pool.clone(),
-        settings.named(&format!("tether-listen {worker}")),
+        listen_settings.named(&format!("tether-listen {worker}")),
         key.clone(),
         metrics.clone(),
         &worker,
@@ -384,7 +392,9 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
     let replica = match &config.read_database_url {
         None => None,
         Some(url) => match store::pool(
-            &DbSettings::new(url).named(&format!("tether-replica {worker}")),
+            &DbSettings::new(url)
+                .through(config.database_pooler)
+                .named(&format!("tether-replica {worker}")),
             config.pool_size,
             Duration::from_secs(2),
         ) {
@@ -461,6 +471,14 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
             }
         });
     }
+
+    prune::spawn(
+        app.pool.clone(),
+        app.config.retention,
+        app.config.prune_interval,
+        app.metrics.clone(),
+        &app.config.worker_id,
+    );
 
     // The control socket to the supervisor, when there is one.
     let control = control::attach(app.clone());

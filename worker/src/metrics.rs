@@ -86,6 +86,11 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub bad_frames: AtomicU64,
     pub idle_closes: AtomicU64,
+    /// Events deleted by the retention job (this worker's steps).
+    pub pruned_events: AtomicU64,
+    /// `truncated` frames written: a connection's position was below a
+    /// conversation's horizon.
+    pub truncations: AtomicU64,
     pub commit_latency: Histogram,
     pub commit_batch_size: Histogram,
     pub delivery_latency: Histogram,
@@ -117,6 +122,8 @@ impl Metrics {
             auth_failures: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             idle_closes: AtomicU64::new(0),
+            pruned_events: AtomicU64::new(0),
+            truncations: AtomicU64::new(0),
             commit_latency: Histogram::new(LATENCY_BOUNDS),
             commit_batch_size: Histogram::new(SIZE_BOUNDS),
             delivery_latency: Histogram::new(LATENCY_BOUNDS),
@@ -130,7 +137,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 20] = [
             (
                 "tether_connections_open",
                 "Open WebSocket connections.",
@@ -207,6 +214,18 @@ impl Metrics {
                 "tether_history_reads_primary_total",
                 "History reads sent to the primary because the replica was behind or failing.",
                 &self.history_reads_primary,
+                "counter",
+            ),
+            (
+                "tether_pruned_events_total",
+                "Events deleted by retention (--retention-max-events, --retention-days).",
+                &self.pruned_events,
+                "counter",
+            ),
+            (
+                "tether_truncations_total",
+                "truncated frames written: a position below a conversation's pruned horizon.",
+                &self.truncations,
                 "counter",
             ),
             (

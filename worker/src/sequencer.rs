@@ -97,6 +97,23 @@ impl Sequencer {
         Verdict::Write
     }
 
+    /// History up to `horizon` is gone (retention) while the connection,
+    /// a member, stands below it: it moves to `horizon`, and the caller
+    /// tells the client (`truncated`, from `horizon + 1`). False (nothing
+    /// moves) when it already stands at or above it, or is not a member.
+    /// The caller has made sure the pruned range cannot hold the user's
+    /// own `member.left` (their membership is unbroken since their
+    /// position).
+    pub fn truncate(&mut self, conversation_id: i64, horizon: i64) -> bool {
+        match self.positions.get_mut(&conversation_id) {
+            Some(p) if p.member && p.last < horizon => {
+                p.last = horizon;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Where a replay of (after, upto] should start reading: past what was
     /// written already, member or not (a replay may hold the user's
     /// joining again).
@@ -135,6 +152,26 @@ mod tests {
         assert_eq!(s.offer(&f(4, M::None)), Verdict::Skip);
         assert_eq!(s.offer(&f(5, M::None)), Verdict::Write);
         assert_eq!(s.last(1), Some(5));
+    }
+
+    #[test]
+    fn truncation_moves_a_member_past_pruned_history_once() {
+        let mut s = Sequencer::new("bob");
+        s.start(1, 3);
+        assert!(s.truncate(1, 10));
+        assert_eq!(s.last(1), Some(10));
+        assert!(!s.truncate(1, 8), "already past it");
+        assert_eq!(s.offer(&f(11, M::None)), Verdict::Write);
+    }
+
+    #[test]
+    fn truncation_never_brings_back_a_departed_member() {
+        let mut s = Sequencer::new("bob");
+        s.start(1, 0);
+        assert_eq!(s.offer(&f(1, M::Left("bob".into()))), Verdict::Write);
+        assert!(!s.truncate(1, 10));
+        assert_eq!(s.offer(&f(11, M::None)), Verdict::Skip);
+        assert!(!s.truncate(2, 10), "an unknown conversation stays unknown");
     }
 
     #[test]

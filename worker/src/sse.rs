@@ -94,6 +94,9 @@ impl SseSink {
     pub(crate) async fn end(&mut self, why: Close) {
         let last = match why {
             Close::Draining => Some(("draining", r#"{"type":"draining"}"#.to_string())),
+            // As `draining`: come back (the backlog starts from the
+            // membership table).
+            Close::Resync => Some(("resync", r#"{"type":"resync"}"#.to_string())),
             Close::Internal(m) => Some((
                 "error",
                 tether_protocol::frames::server::error("internal", m, None, None),

@@ -44,6 +44,10 @@ pub enum Close {
     TooLarge,
     InvalidUtf8,
     Idle,
+    /// History was pruned past the connection and its user's membership
+    /// may have changed inside the pruned range: reconnect, and the
+    /// backlog starts from what the membership table says.
+    Resync,
     Internal(&'static str),
 }
 
@@ -117,7 +121,7 @@ impl Wire {
         }
         // A client cut for being slow gets longer: the last words wait
         // behind what it has not read yet.
-        let grace = if why == Close::TooSlow {
+        let grace = if matches!(why, Close::TooSlow | Close::Resync) {
             Duration::from_secs(10)
         } else {
             Duration::from_secs(2)
@@ -152,6 +156,7 @@ fn close_frame(why: Close) -> (CloseCode, &'static str) {
         Close::TooLarge => (CloseCode::Size, "frame too large"),
         Close::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
         Close::Idle => (CloseCode::Normal, "idle timeout"),
+        Close::Resync => (CloseCode::Again, "history was pruned; reconnect to resync"),
         Close::Internal(why) => (CloseCode::Error, why),
     }
 }

@@ -712,6 +712,16 @@ export class TetherClient {
         this._flushOutbox();
         this._flushAcks(true);
         break;
+      case 'truncated': {
+        // The server pruned this conversation's history below from_seq
+        // (retention): what follows starts there, and is not a gap.
+        const c = f.conversation_id;
+        const from = f.from_seq;
+        if (!Number.isInteger(c) || !Number.isInteger(from)) break;
+        this._high.set(c, Math.max(this._high.get(c) || 0, from - 1));
+        this._emit('truncated', { conversation_id: c, from_seq: from, conversationId: c, fromSeq: from });
+        break;
+      }
       case 'sent':
         this._onSent(f);
         break;
@@ -1204,7 +1214,7 @@ export class TetherClient {
  * client_msg_id, so the same retry rules); an `ack` into POST .../cursor
  * (the client already coalesces them); a `ping` into a `pong` once the
  * acks before it are done. `event: draining`, then the end of the stream,
- * closes it as 1001 does a WebSocket.
+ * closes it as 1001 does a WebSocket (`event: resync`, as 1013).
  */
 class SseSocket {
   constructor(client, token) {
@@ -1212,7 +1222,9 @@ class SseSocket {
     this._c = client;
     this._token = token;
     this._acks = Promise.resolve();
-    this._draining = false;
+    // Set by `event: draining` (1001) or `event: resync` (1013): the
+    // server ends the stream and wants us back at once.
+    this._endCode = 1006;
     this._es = null;
     this._ctl = null;
     this.onopen = this.onmessage = this.onerror = this.onclose = null;
@@ -1243,8 +1255,8 @@ class SseSocket {
 
   _onData(name, data) {
     if (this.readyState === 3) return;
-    if (name === 'draining') {
-      this._draining = true;
+    if (name === 'draining' || name === 'resync') {
+      this._endCode = name === 'draining' ? 1001 : 1013;
       return;
     }
     if (name === 'hello' && this.readyState === 0) {
@@ -1257,7 +1269,7 @@ class SseSocket {
   async _start() {
     const ES = this._c._o.EventSource || globalThis.EventSource;
     const url = `${this._c.httpUrl}/v1/sse`;
-    const ended = () => this._end(this._draining ? 1001 : 1006, 'event stream ended');
+    const ended = () => this._end(this._endCode, 'event stream ended');
     try {
       if (!this._c._fetch) throw new Error('SSE needs fetch');
       if (ES) {
@@ -1267,7 +1279,7 @@ class SseSocket {
         if (this.readyState === 3) return;
         const es = (this._es = new ES(`${url}?ticket=${encodeURIComponent(ticket)}`));
         // `failure` is the WebSocket's `error` frame (`error` is EventSource's own event).
-        for (const name of ['hello', 'event', 'synced', 'failure', 'draining']) {
+        for (const name of ['hello', 'event', 'synced', 'failure', 'truncated', 'draining', 'resync']) {
           es.addEventListener(name, (m) => this._onData(name, m.data));
         }
         // A ticket opens one stream: no EventSource reconnects, the client does.

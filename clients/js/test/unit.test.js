@@ -147,6 +147,29 @@ test('leaving and re-joining a conversation is not a gap', { timeout: 30000 }, a
   c.close();
 });
 
+test('truncated: history pruned by the server is announced, and what follows is not a gap', { timeout: 30000 }, async () => {
+  fresh();
+  const c = client();
+  const errors = [];
+  const truncated = [];
+  const seen = [];
+  c.on('error', (e) => errors.push(e));
+  c.on('truncated', (t) => truncated.push(t));
+  c.on('event', (e) => seen.push(`${e.conversation_id}:${e.seq}`));
+  const ws = await connected(c);
+  ws.frame(ev(4, 2));
+  ws.frame({ type: 'truncated', conversation_id: 4, from_seq: 16 });
+  ws.frame(ev(4, 16));
+  ws.frame({ type: 'truncated', conversation_id: 5, from_seq: 3 }); // first sight
+  ws.frame(ev(5, 3));
+  ws.frame({ type: 'synced' });
+  assert.deepEqual(seen, ['4:2', '4:16', '5:3']);
+  assert.equal(errors.length, 0);
+  assert.deepEqual(truncated.map((t) => [t.conversationId, t.fromSeq]), [[4, 16], [5, 3]]);
+  assert.equal(c.lastSeq(4), 16);
+  c.close();
+});
+
 test('acks are coalesced: every N events or after a delay, one in flight per conversation', { timeout: 30000 }, async () => {
   fresh();
   const c = client({ ackEvery: 5, ackDelayMs: 40 });

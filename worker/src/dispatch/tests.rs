@@ -93,6 +93,24 @@ fn an_event_ahead_of_a_gap_waits_for_the_read() {
 }
 
 #[test]
+fn a_read_that_starts_above_its_position_met_pruned_history() {
+    // Retention deleted 4..=9: the read answers from 10 on. The
+    // dispatcher moves past the hole instead of waiting for it forever;
+    // the connection repairs 4..=9 itself and finds them pruned.
+    let mut st = following(3, 7, "bob");
+    st.handle(Input::Event(frame(1, 11, M::None)));
+    let a = st.take_actions();
+    assert_eq!(fetches(&a), vec![vec![(1, 3)]]);
+    st.handle(Input::Fetched {
+        positions: vec![(1, 3)],
+        events: Some(vec![frame(1, 10, M::None)]),
+    });
+    let a = st.take_actions();
+    assert_eq!(sends(&a), vec![(7, 10), (7, 11)]);
+    assert!(fetches(&a).is_empty(), "no read loop on the hole");
+}
+
+#[test]
 fn duplicates_are_dropped() {
     let mut st = following(3, 7, "bob");
     st.handle(Input::Event(frame(1, 4, M::None)));

@@ -4,8 +4,9 @@
 //! commits; only then are senders answered.
 
 use super::notice::{Notice, NoticeKey};
+use super::oneshot::{OneShot, Param};
 use super::{event_from_row_at, StoreError, EVENT_COLUMNS_E, NOTIFY_CHANNEL, NOW_SQL};
-use postgres::Client;
+use postgres::{Client, Row, Transaction};
 use std::collections::HashMap;
 use tether_protocol::frames::{Event, EVENT_MESSAGE_CREATED};
 
@@ -37,61 +38,127 @@ pub struct BatchOutcome {
     pub new_events: Vec<Event>,
 }
 
-/// The statements of the write path, prepared once per connection (the
-/// commit lanes keep one connection each), so a batch pays no parsing or
-/// planning: three statements and BEGIN/COMMIT per committed batch.
+/// The statements of the write path. On a direct connection they are
+/// prepared once per connection (the commit lanes keep one connection
+/// each), so a batch pays no parsing or planning: three statements and
+/// BEGIN/COMMIT per committed batch. Behind a transaction-mode pooler
+/// (`--database-pooler transaction`) named statements do not survive, so
+/// each runs as a one-shot statement instead (see [`super::oneshot`]).
 pub struct AppendStatements {
     key: NoticeKey,
+    prepared: Option<Prepared>,
+}
+
+struct Prepared {
     lock: postgres::Statement,
     resolve: postgres::Statement,
     write: postgres::Statement,
 }
 
+/// 1. Lock the touched conversations (ascending id: no deadlock between
+///    batches), read their last seq and the commit time.
+fn lock_sql() -> String {
+    format!(
+        "SELECT id, last_seq, {NOW_SQL} FROM conversations
+         WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+    )
+}
+
+/// 2. After the lock (a fresh snapshot: READ COMMITTED takes one per
+///    statement), per (conversation, sender, client_msg_id): is the sender
+///    a member, and was this key committed before? Written as per-key
+///    lookups (LATERAL ... LIMIT 1) so that the plan is an index probe per
+///    key whatever the table statistics said when the statement was
+///    prepared: a hash join over a then-empty events table would scan the
+///    whole log on every batch once it has grown.
+fn resolve_sql() -> String {
+    format!(
+        "SELECT k.c, k.s,
+                EXISTS (SELECT 1 FROM members mm
+                        WHERE mm.conversation_id = k.c AND mm.user_id = k.s),
+                e.seq IS NOT NULL, {EVENT_COLUMNS_E}
+         FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
+         LEFT JOIN LATERAL (
+             SELECT * FROM events ev
+             WHERE ev.conversation_id = k.c AND ev.sender = k.s
+               AND ev.client_msg_id = k.m AND ev.client_msg_id IS NOT NULL
+             LIMIT 1
+         ) AS e ON true"
+    )
+}
+
+/// 3. Insert the events, bump last_seq, announce: one statement.
+const WRITE_SQL: &str = "WITH ins AS (
+         INSERT INTO events (conversation_id, seq, type, sender, created_at, body, client_msg_id)
+         SELECT c, s, 'message.created', snd, now(), b, m
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+              AS t(c, s, snd, b, m)
+     ), upd AS (
+         UPDATE conversations c SET last_seq = v.s
+         FROM unnest($6::bigint[], $7::bigint[]) AS v(id, s) WHERE c.id = v.id
+     )
+     SELECT pg_notify($8::text, $9::text)";
+
 impl AppendStatements {
+    /// Prepares the statements on `client` (a direct connection).
     pub fn prepare(client: &mut Client, key: &NoticeKey) -> Result<AppendStatements, StoreError> {
         Ok(AppendStatements {
             key: key.clone(),
-            // 1. Lock the touched conversations (ascending id: no deadlock
-            //    between batches), read their last seq and the commit time.
-            lock: client.prepare(&format!(
-                "SELECT id, last_seq, {NOW_SQL} FROM conversations
-                 WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-            ))?,
-            // 2. After the lock (a fresh snapshot: READ COMMITTED takes one
-            //    per statement), per (conversation, sender, client_msg_id):
-            //    is the sender a member, and was this key committed before?
-            //    Written as per-key lookups (LATERAL ... LIMIT 1) so that
-            //    the plan is an index probe per key whatever the table
-            //    statistics said when the statement was prepared: a hash
-            //    join over a then-empty events table would scan the whole
-            //    log on every batch once it has grown.
-            resolve: client.prepare(&format!(
-                "SELECT k.c, k.s,
-                        EXISTS (SELECT 1 FROM members mm
-                                WHERE mm.conversation_id = k.c AND mm.user_id = k.s),
-                        e.seq IS NOT NULL, {EVENT_COLUMNS_E}
-                 FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[])) AS k(c, s, m)
-                 LEFT JOIN LATERAL (
-                     SELECT * FROM events ev
-                     WHERE ev.conversation_id = k.c AND ev.sender = k.s
-                       AND ev.client_msg_id = k.m AND ev.client_msg_id IS NOT NULL
-                     LIMIT 1
-                 ) AS e ON true"
-            ))?,
-            // 3. Insert the events, bump last_seq, announce: one statement.
-            write: client.prepare(
-                "WITH ins AS (
-                     INSERT INTO events (conversation_id, seq, type, sender, created_at, body, client_msg_id)
-                     SELECT c, s, 'message.created', snd, now(), b, m
-                     FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-                          AS t(c, s, snd, b, m)
-                 ), upd AS (
-                     UPDATE conversations c SET last_seq = v.s
-                     FROM unnest($6::bigint[], $7::bigint[]) AS v(id, s) WHERE c.id = v.id
-                 )
-                 SELECT pg_notify($8, $9)",
-            )?,
+            prepared: Some(Prepared {
+                lock: client.prepare(&lock_sql())?,
+                resolve: client.prepare(&resolve_sql())?,
+                write: client.prepare(WRITE_SQL)?,
+            }),
         })
+    }
+
+    /// The statements as one-shot statements, for connections through a
+    /// transaction-mode pooler.
+    pub fn one_shot(key: &NoticeKey) -> AppendStatements {
+        AppendStatements {
+            key: key.clone(),
+            prepared: None,
+        }
+    }
+
+    fn lock(
+        &self,
+        tx: &mut Transaction<'_>,
+        params: &[&dyn Param],
+    ) -> Result<Vec<Row>, StoreError> {
+        match &self.prepared {
+            Some(p) => Self::run_prepared(tx, &p.lock, params),
+            None => Ok(tx.oneshot_query(&lock_sql(), params)?),
+        }
+    }
+
+    fn resolve(
+        &self,
+        tx: &mut Transaction<'_>,
+        params: &[&dyn Param],
+    ) -> Result<Vec<Row>, StoreError> {
+        match &self.prepared {
+            Some(p) => Self::run_prepared(tx, &p.resolve, params),
+            None => Ok(tx.oneshot_query(&resolve_sql(), params)?),
+        }
+    }
+
+    fn run_prepared(
+        tx: &mut Transaction<'_>,
+        statement: &postgres::Statement,
+        params: &[&dyn Param],
+    ) -> Result<Vec<Row>, StoreError> {
+        let values: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            params.iter().map(|v| v.value()).collect();
+        Ok(tx.query(statement, &values)?)
+    }
+
+    fn write(&self, tx: &mut Transaction<'_>, params: &[&dyn Param]) -> Result<(), StoreError> {
+        match &self.prepared {
+            Some(p) => Self::run_prepared(tx, &p.write, params)?,
+            None => tx.oneshot_query(WRITE_SQL, params)?,
+        };
+        Ok(())
     }
 }
 
@@ -125,7 +192,7 @@ pub fn append_messages_with(
     conv_ids.sort_unstable();
     conv_ids.dedup();
 
-    let rows = tx.query(&stmts.lock, &[&conv_ids])?;
+    let rows = stmts.lock(&mut tx, &[&conv_ids])?;
     let mut last_seq: HashMap<i64, i64> = HashMap::with_capacity(rows.len());
     let mut now = String::new();
     for r in &rows {
@@ -147,7 +214,7 @@ pub fn append_messages_with(
     let mut members: std::collections::HashSet<(i64, String)> = Default::default();
     let mut existing: HashMap<(i64, String, String), Event> = HashMap::new();
     if !cs.is_empty() {
-        for r in tx.query(&stmts.resolve, &[&cs, &ss, &ms])? {
+        for r in stmts.resolve(&mut tx, &[&cs, &ss, &ms])? {
             let (c, sender): (i64, String) = (r.get(0), r.get(1));
             if r.get::<_, bool>(2) {
                 members.insert((c, sender));
@@ -256,19 +323,10 @@ pub fn append_messages_with(
         };
         everything.encode(&stmts.key).remove(0)
     };
-    tx.query(
-        &stmts.write,
-        &[
-            &c,
-            &s,
-            &snd,
-            &body,
-            &cmid,
-            &tc,
-            &ts,
-            &NOTIFY_CHANNEL,
-            &payload,
-        ],
+    let channel = NOTIFY_CHANNEL;
+    stmts.write(
+        &mut tx,
+        &[&c, &s, &snd, &body, &cmid, &tc, &ts, &channel, &payload],
     )?;
     tx.commit()?;
     Ok(BatchOutcome {

@@ -17,6 +17,7 @@
 //! [`StoreError::Forbidden`].
 
 use super::notice::{Notice, NoticeKey};
+use super::oneshot::OneShot;
 use super::{event_from_row, StoreError, EVENT_COLUMNS, NOTIFY_CHANNEL};
 use postgres::{Client, Transaction};
 use tether_protocol::frames::{
@@ -110,7 +111,7 @@ fn lock_as_member(
     actor: &str,
 ) -> Result<(i64, Role), StoreError> {
     let row = tx
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT c.last_seq, (SELECT m.role FROM members m
                  WHERE m.conversation_id = c.id AND m.user_id = $2)
              FROM conversations c WHERE c.id = $1 FOR UPDATE",
@@ -130,7 +131,7 @@ fn role_of(
     conversation_id: i64,
     user: &str,
 ) -> Result<Option<Role>, StoreError> {
-    let row = tx.query_opt(
+    let row = tx.oneshot_query_opt(
         "SELECT role FROM members WHERE conversation_id = $1 AND user_id = $2",
         &[&conversation_id, &user],
     )?;
@@ -160,20 +161,20 @@ pub fn create_conversation(
         )));
     }
     let mut tx = client.transaction()?;
-    let row = tx.query_one(
+    let row = tx.oneshot_query_one(
         "INSERT INTO conversations (title, created_by, last_seq, history)
          VALUES ($1, $2, 1, $3) RETURNING id",
         &[&title, &creator, &history.as_str()],
     )?;
     let id: i64 = row.get(0);
-    tx.execute(
+    tx.oneshot_execute(
         "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq, role)
          SELECT $1, u, 0, 1, CASE WHEN u = $3 THEN 'owner' ELSE 'member' END
          FROM unnest($2::text[]) AS u",
         &[&id, &all, &creator],
     )?;
     let payload = serde_json::json!({"title": title, "members": all}).to_string();
-    let row = tx.query_one(
+    let row = tx.oneshot_query_one(
         &format!(
             "INSERT INTO events (conversation_id, seq, type, sender, payload)
              VALUES ($1, 1, $2, $3, $4::text::jsonb) RETURNING {EVENT_COLUMNS}"
@@ -226,7 +227,7 @@ pub fn add_member(
     if max_members > 0 {
         // Under the conversation's row lock: concurrent adds cannot overshoot.
         let n: i64 = tx
-            .query_one(
+            .oneshot_query_one(
                 "SELECT count(*) FROM members WHERE conversation_id = $1",
                 &[&conversation_id],
             )?
@@ -237,7 +238,7 @@ pub fn add_member(
         }
     }
     let seq = last + 1;
-    tx.execute(
+    tx.oneshot_execute(
         "INSERT INTO members (conversation_id, user_id, cursor_seq, joined_seq, role)
          VALUES ($1, $2, $3, $4, $5)",
         &[&conversation_id, &user, &(seq - 1), &seq, &role.as_str()],
@@ -299,7 +300,7 @@ pub fn set_role(
         tx.rollback()?;
         return Ok(MembershipChange::none());
     }
-    tx.execute(
+    tx.oneshot_execute(
         "UPDATE members SET role = $3 WHERE conversation_id = $1 AND user_id = $2",
         &[&conversation_id, &user, &role.as_str()],
     )?;
@@ -334,7 +335,7 @@ pub fn remove_member(
             return Err(StoreError::Forbidden("the owner cannot be removed".into()));
         }
     }
-    tx.execute(
+    tx.oneshot_execute(
         "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2",
         &[&conversation_id, &user],
     )?;
@@ -349,14 +350,14 @@ pub fn remove_member(
         None,
     )?];
     if target == Role::Owner {
-        let successor = tx.query_opt(
+        let successor = tx.oneshot_query_opt(
             "SELECT user_id FROM members WHERE conversation_id = $1
              ORDER BY (role = 'admin') DESC, joined_seq, joined_at, user_id LIMIT 1",
             &[&conversation_id],
         )?;
         if let Some(row) = successor {
             let next: String = row.get(0);
-            tx.execute(
+            tx.oneshot_execute(
                 "UPDATE members SET role = 'owner' WHERE conversation_id = $1 AND user_id = $2",
                 &[&conversation_id, &next],
             )?;
@@ -384,7 +385,7 @@ fn append_event(
     subject: &str,
     payload: Option<String>,
 ) -> Result<Event, StoreError> {
-    let row = tx.query_one(
+    let row = tx.oneshot_query_one(
         &format!(
             "INSERT INTO events (conversation_id, seq, type, sender, subject, payload)
              VALUES ($1, $2, $3, $4, $5, $6::text::jsonb) RETURNING {EVENT_COLUMNS}"
@@ -429,7 +430,7 @@ fn finish(
         return Ok(MembershipChange::none());
     };
     let (first, last) = (first.seq, last.seq);
-    tx.execute(
+    tx.oneshot_execute(
         "UPDATE conversations SET last_seq = $2 WHERE id = $1",
         &[&conversation_id, &last],
     )?;
@@ -446,7 +447,7 @@ fn finish(
 /// Sends `notice` with the transaction (delivered at COMMIT).
 fn announce(tx: &mut Transaction<'_>, key: &NoticeKey, notice: &Notice) -> Result<(), StoreError> {
     for payload in notice.encode(key) {
-        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &payload])?;
+        tx.oneshot_execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &payload])?;
     }
     Ok(())
 }

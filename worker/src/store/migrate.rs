@@ -8,6 +8,7 @@
 //! `schema.sql`, which is exactly migration 1) is recognised by its tables
 //! and recorded as at the version its columns show.
 
+use super::oneshot::OneShot;
 use super::StoreError;
 use postgres::Client;
 
@@ -33,8 +34,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
+        name: "retention",
+        sql: include_str!("../../../migrations/0003_retention.sql"),
+    },
+    Migration {
+        version: 4,
         name: "sse_tickets",
-        sql: include_str!("../../../migrations/0003_sse_tickets.sql"),
+        sql: include_str!("../../../migrations/0004_sse_tickets.sql"),
     },
 ];
 
@@ -45,7 +51,7 @@ const LOCK: i64 = 7_412_093;
 /// when the database was up to date).
 pub fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
     let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])?;
+    tx.oneshot_execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])?;
     // "already exists, skipping" notices of migration 1 on old databases.
     tx.batch_execute("SET LOCAL client_min_messages = warning")?;
     tx.batch_execute(
@@ -56,7 +62,7 @@ pub fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
          )",
     )?;
     let mut applied: Vec<i32> = tx
-        .query("SELECT version FROM schema_migrations", &[])?
+        .oneshot_query("SELECT version FROM schema_migrations", &[])?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -81,7 +87,7 @@ pub fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
 /// empty, 1 with the first release's tables, 2 once roles exist.
 fn baseline(tx: &mut postgres::Transaction<'_>) -> Result<i32, StoreError> {
     let has = |tx: &mut postgres::Transaction<'_>, table: &str, column: &str| {
-        tx.query_one(
+        tx.oneshot_query_one(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns
                  WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2)",
             &[&table, &column],
@@ -98,7 +104,7 @@ fn baseline(tx: &mut postgres::Transaction<'_>) -> Result<i32, StoreError> {
 }
 
 fn record(tx: &mut postgres::Transaction<'_>, m: &Migration) -> Result<(), StoreError> {
-    tx.execute(
+    tx.oneshot_execute(
         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
         &[&m.version, &m.name],
     )?;

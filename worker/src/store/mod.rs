@@ -25,7 +25,9 @@ mod append;
 pub mod membership;
 pub mod migrate;
 pub mod notice;
+pub mod oneshot;
 mod read;
+pub mod retain;
 mod tickets;
 
 /// The whole current schema, to read (databases are built by [`migrate`]).
@@ -177,6 +179,23 @@ pub struct DbSettings {
     /// `application_name`, so operators (and tests) can tell the
     /// connections apart in `pg_stat_activity`.
     pub application_name: String,
+    /// What is between us and PostgreSQL at `url`.
+    pub pooler: Pooler,
+}
+
+/// What stands between tether and PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Pooler {
+    /// A direct connection (or a session-mode pooler): prepared
+    /// statements and session settings are ours.
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`):
+    /// each transaction may run on another server connection, so no named
+    /// prepared statements and no session settings (the statement timeout
+    /// is then the role's: `ALTER ROLE ... SET statement_timeout`), and
+    /// LISTEN goes over a direct connection (`--listen-database-url`).
+    Transaction,
 }
 
 impl DbSettings {
@@ -186,7 +205,13 @@ impl DbSettings {
             connect_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(5),
             application_name: "tether".to_string(),
+            pooler: Pooler::None,
         }
+    }
+
+    /// The same settings for connections through `pooler`.
+    pub fn through(self, pooler: Pooler) -> DbSettings {
+        DbSettings { pooler, ..self }
     }
 
     /// The same settings under another `application_name`.
@@ -204,10 +229,15 @@ impl DbSettings {
         cfg.connect_timeout(self.connect_timeout);
         cfg.keepalives(true);
         cfg.keepalives_idle(Duration::from_secs(10));
-        cfg.options(&format!(
-            "-c statement_timeout={}",
-            self.statement_timeout.as_millis()
-        ));
+        // A transaction-mode pooler refuses startup options (PgBouncer:
+        // "unsupported startup parameter: options") and could not keep a
+        // session setting anyway.
+        if self.pooler == Pooler::None {
+            cfg.options(&format!(
+                "-c statement_timeout={}",
+                self.statement_timeout.as_millis()
+            ));
+        }
         cfg.application_name(&self.application_name);
         Ok(cfg)
     }

@@ -2,7 +2,8 @@
 //! connect, backlog and catch-up ranges, REST pages (within the caller's
 //! history), the conversation list.
 
-use super::{event_from_row, StoreError, EVENT_COLUMNS};
+use super::oneshot::OneShot;
+use super::{event_from_row, event_from_row_at, StoreError, EVENT_COLUMNS};
 use postgres::Client;
 use tether_protocol::frames::Event;
 
@@ -22,7 +23,7 @@ pub fn advance_cursors(
     let c: Vec<i64> = acks.iter().map(|a| a.0).collect();
     let u: Vec<&str> = acks.iter().map(|a| a.1.as_str()).collect();
     let s: Vec<i64> = acks.iter().map(|a| a.2).collect();
-    Ok(client.execute(
+    Ok(client.oneshot_execute(
         "UPDATE members m SET cursor_seq = GREATEST(m.cursor_seq, LEAST(v.s, c.last_seq))
          FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(c, u, s), conversations c
          WHERE m.conversation_id = v.c AND m.user_id = v.u AND c.id = v.c
@@ -53,7 +54,7 @@ pub fn move_cursor(
 ) -> Result<CursorMove, StoreError> {
     let mut tx = client.transaction()?;
     let row = tx
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.conversation_id = $1 AND m.user_id = $2
              FOR UPDATE OF m",
@@ -64,7 +65,7 @@ pub fn move_cursor(
     if seq > last {
         return Ok(CursorMove::BeyondLast(last));
     }
-    let row = tx.query_one(
+    let row = tx.oneshot_query_one(
         "UPDATE members SET cursor_seq = GREATEST(cursor_seq, $3)
          WHERE conversation_id = $1 AND user_id = $2
          RETURNING GREATEST(cursor_seq, joined_seq - 1)",
@@ -86,14 +87,18 @@ pub struct Membership {
     /// The conversation's last committed seq when read: the backlog is
     /// exactly (cursor, last_seq].
     pub last_seq: i64,
+    /// The highest seq pruned (retention), 0 when none: a backlog from a
+    /// cursor below it starts with `truncated` and resumes above it.
+    pub horizon: i64,
 }
 
 /// Every conversation `user` belongs to, with cursor and last seq. The
 /// cursor is never below the seq before the user's own `member.joined`:
 /// delivery starts where their membership does.
 pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, StoreError> {
-    let rows = client.query(
-        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq
+    let rows = client.oneshot_query(
+        "SELECT m.conversation_id, GREATEST(m.cursor_seq, m.joined_seq - 1), c.last_seq,
+                c.horizon_seq
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 ORDER BY m.conversation_id",
         &[&user],
@@ -104,8 +109,30 @@ pub fn memberships(client: &mut Client, user: &str) -> Result<Vec<Membership>, S
             conversation_id: r.get(0),
             cursor: r.get(1),
             last_seq: r.get(2),
+            horizon: r.get(3),
         })
         .collect())
+}
+
+/// Whether `user` has been a member of the conversation without a break
+/// since at least seq `since`: a member now whose current membership
+/// began (`joined_seq`, the seq of their `member.joined`, 1 for a creator)
+/// at or before it. A connection that finds history pruned under it
+/// skips the pruned range only when this holds: the range cannot then
+/// hold their own `member.left`.
+pub fn member_since(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+    since: i64,
+) -> Result<bool, StoreError> {
+    Ok(client
+        .oneshot_query_opt(
+            "SELECT 1 FROM members
+             WHERE conversation_id = $1 AND user_id = $2 AND joined_seq <= $3",
+            &[&conversation_id, &user, &since],
+        )?
+        .is_some())
 }
 
 /// Bytes one read of events may carry (backlog pages, REST pages); the
@@ -134,25 +161,47 @@ fn bytes_bounded(rows: &str, order: &str) -> String {
     )
 }
 
+/// A read of one conversation's range, and its retention horizon as of
+/// the same snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Range {
+    pub events: Vec<Event>,
+    /// The highest seq pruned (0: none). Every event of the range above
+    /// it that was committed is in `events`; those at or below are gone.
+    pub horizon: i64,
+}
+
 /// Events of one conversation with `after < seq <= upto`, ascending, at
-/// most `limit`, and at most [`READ_BYTES`] (one event always).
+/// most `limit`, and at most [`READ_BYTES`] (one event always), with the
+/// conversation's horizon read in the same statement (one snapshot: the
+/// prune job deletes and raises the horizon in one transaction).
 pub fn events_range(
     client: &mut Client,
     conversation_id: i64,
     after: i64,
     upto: i64,
     limit: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let rows = client.query(
-        &bytes_bounded(
-            "SELECT * FROM events
-             WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
-             ORDER BY seq LIMIT $4",
-            "ASC",
+) -> Result<Range, StoreError> {
+    let events = bytes_bounded(
+        "SELECT * FROM events
+         WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
+         ORDER BY seq LIMIT $4",
+        "ASC",
+    );
+    let rows = client.oneshot_query(
+        &format!(
+            "WITH h AS (SELECT horizon_seq FROM conversations WHERE id = $1)
+             SELECT h.horizon_seq, r.* FROM h LEFT JOIN ({events}) r ON true"
         ),
         &[&conversation_id, &after, &upto, &limit],
     )?;
-    Ok(rows.iter().map(event_from_row).collect())
+    let horizon = rows.first().map_or(0, |r| r.get(0));
+    let events = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<i64>>(1).is_some())
+        .map(|r| event_from_row_at(r, 1))
+        .collect();
+    Ok(Range { events, horizon })
 }
 
 /// A catch-up read: the events, and `(conversation, last seq read)` of
@@ -178,7 +227,7 @@ pub fn events_after_many(
          ORDER BY seq LIMIT $3",
         "ASC",
     );
-    let rows = client.query(
+    let rows = client.oneshot_query(
         &format!(
             "SELECT e.* FROM unnest($1::bigint[], $2::bigint[]) AS p(c, s),
              LATERAL ({each}) AS e"
@@ -210,7 +259,7 @@ pub fn is_member(
     user: &str,
 ) -> Result<bool, StoreError> {
     Ok(client
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2",
             &[&conversation_id, &user],
         )?
@@ -226,7 +275,7 @@ pub fn history_floor(
     user: &str,
 ) -> Result<i64, StoreError> {
     let row = client
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT CASE WHEN c.history = 'shared' THEN 0 ELSE m.joined_seq - 1 END
              FROM members m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.conversation_id = $1 AND m.user_id = $2",
@@ -240,7 +289,7 @@ pub fn history_floor(
 /// does not have the conversation): how far a replica has come.
 pub fn last_seq(client: &mut Client, conversation_id: i64) -> Result<i64, StoreError> {
     Ok(client
-        .query_opt(
+        .oneshot_query_opt(
             "SELECT last_seq FROM conversations WHERE id = $1",
             &[&conversation_id],
         )?
@@ -289,7 +338,7 @@ pub fn page_events(
     // One more than asked: whether more follow.
     let ask = limit + 1;
     let rows = match after_seq {
-        Some(after) => client.query(
+        Some(after) => client.oneshot_query(
             &bytes_bounded(
                 "SELECT * FROM events
                  WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
@@ -297,7 +346,7 @@ pub fn page_events(
             ),
             &[&conversation_id, &after.max(floor), &ask],
         )?,
-        None => client.query(
+        None => client.oneshot_query(
             &bytes_bounded(
                 "SELECT * FROM events
                  WHERE conversation_id = $1 AND seq < $2 AND seq > $3
@@ -341,7 +390,7 @@ pub fn conversations_page(
     after: i64,
     limit: i64,
 ) -> Result<Vec<ConversationSummary>, StoreError> {
-    let rows = client.query(
+    let rows = client.oneshot_query(
         "SELECT c.id, c.title, c.last_seq, GREATEST(m.cursor_seq, m.joined_seq - 1), m.role, c.history
          FROM members m JOIN conversations c ON c.id = m.conversation_id
          WHERE m.user_id = $1 AND m.conversation_id > $2

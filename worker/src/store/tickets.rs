@@ -2,6 +2,7 @@
 //! database is what every worker of every host shares, so it is what makes
 //! "once" hold across them.
 
+use super::oneshot::OneShot;
 use super::StoreError;
 use postgres::Client;
 
@@ -11,7 +12,7 @@ use postgres::Client;
 /// be presented).
 pub fn redeem_ticket(client: &mut Client, id: &str, expires_ms: u64) -> Result<bool, StoreError> {
     let expires_ms = i64::try_from(expires_ms).unwrap_or(i64::MAX);
-    let fresh = client.execute(
+    let fresh = client.oneshot_execute(
         "INSERT INTO sse_tickets_used (id, expires_at)
          VALUES ($1, to_timestamp($2::bigint / 1000.0))
          ON CONFLICT (id) DO NOTHING",
@@ -24,7 +25,7 @@ pub fn redeem_ticket(client: &mut Client, id: &str, expires_ms: u64) -> Result<b
         .and_then(|h| u8::from_str_radix(h, 16).ok())
         .is_some_and(|b| b < 8);
     if sweep {
-        client.execute(
+        client.oneshot_execute(
             "DELETE FROM sse_tickets_used WHERE expires_at < now() - interval '1 minute'",
             &[],
         )?;

@@ -17,6 +17,15 @@ use std::time::{Duration, Instant};
 use tether_protocol::frames::server;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Whether the caller knows the user's membership is unbroken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Just read with the memberships.
+    Member,
+    /// To be checked.
+    Unsure,
+}
+
 impl Connection {
     /// Registers interest, reads memberships, subscribes, replays every
     /// event above the cursor of every conversation, says `synced`.
@@ -66,9 +75,18 @@ impl Connection {
         let mut replayed = 0u64;
         for m in &memberships {
             let (c, upto) = (m.conversation_id, m.last_seq);
+            // Below the retention horizon: `truncated`, then from there
+            // (the memberships just read say the membership is unbroken
+            // since the cursor: it starts at most one past it).
+            let mut after = m.cursor;
+            if m.horizon > after {
+                self.pass_horizon(c, m.horizon, Known::Member, false)
+                    .await?;
+                after = m.horizon.min(upto);
+            }
             // Members of one conversation missed the same events: the
             // first to reconnect reads them, the rest are served from memory.
-            if let Some(frames) = self.app.recent.get(c, m.cursor, upto) {
+            if let Some(frames) = self.app.recent.get(c, after, upto) {
                 for f in &frames {
                     replayed += 1;
                     self.write_frame(f).await?;
@@ -76,7 +94,6 @@ impl Connection {
                 self.flush().await.map_err(|_| End::ClientClosed)?;
                 continue;
             }
-            let mut after = m.cursor;
             while after < upto {
                 let page = match self
                     .app
@@ -95,6 +112,12 @@ impl Connection {
                         return Err(End::Internal("could not read the backlog"));
                     }
                 };
+                if page.horizon > after {
+                    self.pass_horizon(c, page.horizon, Known::Unsure, false)
+                        .await?;
+                    after = page.horizon;
+                }
+                let page = page.events;
                 if page.is_empty() {
                     break;
                 }
@@ -247,6 +270,12 @@ impl Connection {
                     }
                 }
             };
+            if page.horizon > after {
+                self.pass_horizon(c, page.horizon, Known::Unsure, true)
+                    .await?;
+                after = page.horizon;
+            }
+            let page = page.events;
             if page.is_empty() {
                 return Ok(());
             }
@@ -255,6 +284,66 @@ impl Connection {
                 after = e.seq;
                 self.write_frame(&Frame::from_event(e, now)).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// History of `c` up to `horizon` is gone (retention). If the
+    /// connection stands below it, it moves there and tells the client
+    /// `truncated` (from `horizon + 1`) — but only when the user's
+    /// membership is unbroken since its position, so the pruned range
+    /// cannot hold their own `member.left`; otherwise the connection
+    /// ends (1013) and the client's reconnect starts from the membership
+    /// table. `synced`: whether the backlog is done (see `pause`).
+    async fn pass_horizon(
+        &mut self,
+        c: i64,
+        horizon: i64,
+        known: Known,
+        synced: bool,
+    ) -> Result<(), End> {
+        let Some(last) = self.seq.last(c) else {
+            return Ok(()); // not a member here: nothing of `c` is written
+        };
+        if last >= horizon {
+            return Ok(());
+        }
+        if known == Known::Unsure {
+            let unbroken = loop {
+                let user = self.user.to_string();
+                match self
+                    .app
+                    .db(move |cl| store::member_since(cl, c, &user, last + 1))
+                    .await
+                {
+                    Ok(b) => break b,
+                    Err(e) if e.is_unavailable() => {
+                        self.pause(Duration::from_millis(250), synced).await?
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "user={} conn={}: membership of {c}: {e}",
+                            self.user,
+                            self.id
+                        );
+                        return Err(End::Internal("could not read the membership"));
+                    }
+                }
+            };
+            if !unbroken {
+                log::info!(
+                    "user={} conn={} conversation={c}: pruned past seq {last} with the membership changed; resync",
+                    self.user,
+                    self.id
+                );
+                return Err(End::Resync);
+            }
+        }
+        if self.seq.truncate(c, horizon) {
+            self.app.metrics.truncations.fetch_add(1, Ordering::Relaxed);
+            self.write_control("truncated", server::truncated(c, horizon + 1))
+                .await
+                .map_err(|_| End::ClientClosed)?;
         }
         Ok(())
     }
