@@ -3,14 +3,17 @@
 //! ([`SseClient`]) that sees every event, comment and end of stream.
 //!
 //! - `GET /v1/sse`: `retry:`, hello, the backlog (each event with `id:
-//!   conversation:seq`), synced, live; Bearer and `?token=`; comment pings;
+//!   conversation:seq`), synced, live; Bearer and `?token=`; pings (a
+//!   comment in a `ping` event);
 //! - one-time tickets: accepted once, on any worker; reuse (also on
 //!   another worker), expiry, forgery and garbage refused;
 //! - `POST .../cursor`: forward only, never past the last seq, 404 for a
 //!   non-member, bad bodies refused; the next stream replays from it;
 //! - a removed member's stream gets their `member.left` and nothing after;
-//! - connection limits count streams with WebSockets; a drain ends a
-//!   stream with `event: draining`;
+//! - connection limits count streams with WebSockets, and a closed stream
+//!   gives its place back at once; a drain ends a stream with `event:
+//!   draining`; a stream that is not read is cut (memory stays flat) and
+//!   replays later;
 //! - a worker SIGKILLed under a subscriber while messages are sent:
 //!   nothing acknowledged is lost, no gap, no reorder.
 
@@ -119,9 +122,24 @@ async fn a_quiet_stream_gets_comment_pings() {
     let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &["--idle-timeout-secs", "2"], &[]);
     let mut bob = stream(w.addr(), "bob").await;
     bob.read_until_synced(T).await;
-    let r = bob.next_event(Duration::from_secs(5)).await;
-    assert!(matches!(r, SseRead::Timeout), "{r:?}");
-    assert!(bob.comments >= 2, "{} pings in 5 s", bob.comments);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut pings = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match bob.next_event(left).await {
+            SseRead::Event(e) if e.event == "ping" => {
+                assert_eq!(e.json()["type"], "ping");
+                pings += 1;
+            }
+            SseRead::Timeout => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        pings >= 2 && bob.comments >= 2,
+        "{pings} pings, {} comments in 5 s",
+        bob.comments
+    );
 }
 
 #[tokio::test]
@@ -565,6 +583,7 @@ async fn a_stream_that_is_not_read_is_cut_and_replays_later() {
                 assert_eq!(seq, last + 1, "in order, no gap, before the cut");
                 last = seq;
             }
+            SseRead::Event(e) if e.event == "ping" => {}
             SseRead::Event(e) => panic!("{e:?}"),
             SseRead::Ended => break,
             SseRead::Timeout => panic!("the stream was not ended"),
@@ -575,4 +594,31 @@ async fn a_stream_that_is_not_read_is_cut_and_replays_later() {
     let mut bob = stream(w.addr(), "bob").await;
     let backlog = bob.read_until_synced(Duration::from_secs(120)).await;
     assert_eq!(event_seqs(&backlog), (1..=N as i64 + 1).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_stream_the_client_closes_gives_its_place_back_at_once() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(
+        &db.url(),
+        TEST_SECRET,
+        &["--max-connections-per-user", "1"],
+        &[],
+    );
+    let mut s = stream(w.addr(), "bob").await;
+    s.read_until_synced(T).await;
+    drop(s);
+    // Well before the first ping (15 s) could find the client gone: the
+    // worker notices the connection close itself.
+    let started = std::time::Instant::now();
+    loop {
+        match SseClient::connect(w.addr(), "/v1/sse", Some(&tok("bob"))).await {
+            Ok(_) => break,
+            Err((429, _)) if started.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("after {:?}: {e:?}", started.elapsed()),
+        }
+    }
+    eprintln!("the place came back after {:?}", started.elapsed());
 }

@@ -246,8 +246,9 @@ impl SseClient {
                     );
                     out.push(v);
                 }
-                // The database is down at connect: the backlog follows.
-                SseRead::Event(e) if e.event == "failure" => {}
+                // The database is down at connect: the backlog follows (and
+                // the stream's pings meanwhile).
+                SseRead::Event(e) if e.event == "failure" || e.event == "ping" => {}
                 other => panic!("before synced: {other:?}"),
             }
         }

@@ -84,9 +84,14 @@ impl SseSink {
         self.tx.closed().await
     }
 
-    /// A comment line: keeps proxies from closing a quiet stream.
+    /// A comment line, which keeps proxies from closing a quiet stream,
+    /// in an event `ping`, which tells a client (an `EventSource` hides
+    /// comments) that the stream is alive: one that hears nothing for
+    /// twice the period may drop it, as a WebSocket client whose ping goes
+    /// unanswered.
     pub(crate) async fn ping(&mut self) -> Result<(), Gone> {
-        self.buf.extend_from_slice(b": ping\n\n");
+        self.buf
+            .extend_from_slice(b": ping\nevent: ping\ndata: {\"type\":\"ping\"}\n\n");
         self.flush().await
     }
 

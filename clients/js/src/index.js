@@ -1225,6 +1225,8 @@ class SseSocket {
     // Set by `event: draining` (1001) or `event: resync` (1013): the
     // server ends the stream and wants us back at once.
     this._endCode = 1006;
+    // When the stream last said anything (the server pings every 15 s).
+    this._heard = Date.now();
     this._es = null;
     this._ctl = null;
     this.onopen = this.onmessage = this.onerror = this.onclose = null;
@@ -1255,6 +1257,7 @@ class SseSocket {
 
   _onData(name, data) {
     if (this.readyState === 3) return;
+    this._heard = Date.now();
     if (name === 'draining' || name === 'resync') {
       this._endCode = name === 'draining' ? 1001 : 1013;
       return;
@@ -1279,7 +1282,7 @@ class SseSocket {
         if (this.readyState === 3) return;
         const es = (this._es = new ES(`${url}?ticket=${encodeURIComponent(ticket)}`));
         // `failure` is the WebSocket's `error` frame (`error` is EventSource's own event).
-        for (const name of ['hello', 'event', 'synced', 'failure', 'truncated', 'draining', 'resync']) {
+        for (const name of ['hello', 'event', 'synced', 'failure', 'truncated', 'ping', 'draining', 'resync']) {
           es.addEventListener(name, (m) => this._onData(name, m.data));
         }
         // A ticket opens one stream: no EventSource reconnects, the client does.
@@ -1324,7 +1327,14 @@ class SseSocket {
     else if (f.type === 'ack') {
       const path = `/v1/conversations/${f.conversation_id}/cursor`;
       this._acks = this._acks.then(() => this._http('POST', path, { seq: f.seq }).catch(() => {}));
-    } else if (f.type === 'ping') this._acks = this._acks.then(() => this._frame({ type: 'pong' }));
+    } else if (f.type === 'ping') {
+      // Answered once the acks before it are done, and only while the
+      // stream is heard from: the client's heartbeat then drops a stream
+      // that went silent (a half-open connection), as it drops a WebSocket.
+      this._acks = this._acks.then(() => {
+        if (Date.now() - this._heard < 30000) this._frame({ type: 'pong' });
+      });
+    }
   }
 
   async _post(f) {
