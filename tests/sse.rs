@@ -368,6 +368,13 @@ async fn streams_count_with_websockets_and_a_drain_ends_them() {
     // Others are unaffected.
     let mut carol = stream(w.addr(), "carol").await;
     carol.read_until_synced(T).await;
+    let m = metrics_of(w.addr()).await;
+    assert_eq!(
+        metric(&m, "tether_sse_streams_total"),
+        2.0,
+        "bob's and carol's"
+    );
+    assert!(metric(&m, "tether_connections_refused_total") >= 3.0);
     // Drain: `event: draining`, then the end of the stream.
     assert!(w.signal(libc::SIGTERM));
     let mut last = None;

@@ -204,6 +204,7 @@ pub async fn open(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
             Err(e) => return store_error_response(&e).map(Outgoing::Left),
         }
     }
+    app.metrics.sse_streams.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(CHUNKS);
     let wire = Wire::EventStream(SseSink::new(tx));
     let task_app = app.clone();
