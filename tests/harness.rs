@@ -40,7 +40,13 @@ fn test_db_counts_stops_and_starts() {
     });
     assert_eq!(
         tables,
-        ["conversations", "events", "members", "schema_migrations"]
+        [
+            "conversations",
+            "events",
+            "members",
+            "schema_migrations",
+            "sse_tickets_used"
+        ]
     );
 }
 
