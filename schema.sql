@@ -72,6 +72,31 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_idempotency
     ON events (conversation_id, sender, client_msg_id)
     WHERE client_msg_id IS NOT NULL;
 
+-- Presence (keyed by user, not by conversation: past one server these
+-- are distributed by user_id). A lease per (user, worker process) that
+-- holds at least one of the user's connections: live workers renew theirs
+-- every few seconds, a dead one's expire.
+CREATE TABLE IF NOT EXISTS presence_leases (
+    user_id    text        NOT NULL,
+    -- One worker process: host, pid and a random nonce.
+    holder     text        NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (user_id, holder)
+);
+
+-- Each user's state, durable (last_seen survives restarts). `online` turns
+-- true when a first lease appears and false only after the grace period
+-- with no live lease (worker/src/store/presence.rs): the transitions are
+-- the presence frames.
+CREATE TABLE IF NOT EXISTS presence (
+    user_id   text        PRIMARY KEY,
+    online    boolean     NOT NULL DEFAULT false,
+    last_seen timestamptz NOT NULL DEFAULT now()
+);
+
+-- The sweep for users gone past the grace period reads only online users.
+CREATE INDEX IF NOT EXISTS presence_online ON presence (last_seen) WHERE online;
+
 -- One-time SSE tickets: the id of every ticket accepted, until it has
 -- expired, so a ticket opens one stream on one worker of one host, and a
 -- second use anywhere is refused. Tickets themselves are signed, not

@@ -44,6 +44,8 @@ fn test_db_counts_stops_and_starts() {
             "conversations",
             "events",
             "members",
+            "presence",
+            "presence_leases",
             "schema_migrations",
             "sse_tickets_used"
         ]

@@ -81,9 +81,13 @@ async fn a_stream_gets_hello_backlog_synced_then_live() {
     assert_eq!(backlog[3]["body"], "m2");
     // Live, with the WebSocket's event JSON.
     let seq = send(w.addr(), "alice", c, "live").await;
-    let ev = match bob.next_event(T).await {
-        SseRead::Event(e) => e,
-        other => panic!("{other:?}"),
+    // (Presence and other signals may come first.)
+    let ev = loop {
+        match bob.next_event(T).await {
+            SseRead::Event(e) if e.event == "event" => break e,
+            SseRead::Event(_) => {}
+            other => panic!("{other:?}"),
+        }
     };
     assert_eq!(
         (ev.event.as_str(), ev.id.clone()),
@@ -590,8 +594,8 @@ async fn a_stream_that_is_not_read_is_cut_and_replays_later() {
                 assert_eq!(seq, last + 1, "in order, no gap, before the cut");
                 last = seq;
             }
-            SseRead::Event(e) if e.event == "ping" => {}
-            SseRead::Event(e) => panic!("{e:?}"),
+            // Pings, presence.
+            SseRead::Event(_) => {}
             SseRead::Ended => break,
             SseRead::Timeout => panic!("the stream was not ended"),
         }
@@ -628,4 +632,66 @@ async fn a_stream_the_client_closes_gives_its_place_back_at_once() {
         }
     }
     eprintln!("the place came back after {:?}", started.elapsed());
+}
+
+/// Reads until an event named `name` whose data satisfies `pred`.
+async fn next_named(s: &mut SseClient, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        match s.next_event(T).await {
+            SseRead::Event(e) if e.event == name => {
+                let v = e.json();
+                assert_eq!(v["type"], name, "the event is named by the frame's type");
+                if pred(&v) {
+                    return v;
+                }
+            }
+            SseRead::Event(_) => {}
+            other => panic!("waiting for {name}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_typing_and_read_receipts_ride_the_stream() {
+    let db = TestDb::new_async().await;
+    let args = ["--presence-grace-secs", "2", "--presence-lease-secs", "3"];
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &args, &[]);
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
+    let mut bob = stream(w.addr(), "bob").await;
+    bob.read_until_synced(T).await;
+    // A stream counts as being online.
+    let mut alice = stream(w.addr(), "alice").await;
+    alice.read_until_synced(T).await;
+    next_named(&mut bob, "presence", |v| {
+        v["user"] == "alice" && v["status"] == "online"
+    })
+    .await;
+    // Typing over HTTP reaches the other member's stream.
+    let path = format!("/v1/conversations/{c}/typing");
+    let r = post(w.addr(), "alice", &path, json!({})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = next_named(&mut bob, "typing", |v| v["user"] == "alice").await;
+    assert_eq!(v["conversation_id"], c);
+    // Not for non-members, nor for conversations that do not exist.
+    assert_eq!(
+        post(w.addr(), "mallory", &path, json!({})).await.status,
+        404
+    );
+    let r = post(w.addr(), "alice", "/v1/conversations/999/typing", json!({})).await;
+    assert_eq!(r.status, 404);
+    // A cursor moved over HTTP is a read receipt.
+    let seq = send(w.addr(), "alice", c, "read me").await;
+    let r = post(
+        w.addr(),
+        "bob",
+        &format!("/v1/conversations/{c}/cursor"),
+        json!({"seq": seq}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = next_named(&mut alice, "read", |v| v["user"] == "bob").await;
+    assert_eq!(
+        (v["conversation_id"].clone(), v["seq"].clone()),
+        (json!(c), json!(seq))
+    );
 }

@@ -71,6 +71,9 @@ pub(crate) struct Task {
     room: Arc<Notify>,
     /// This connection stopped delivering: the channel was full.
     overflowed: bool,
+    /// Conversations to say `typing` in, on the next write (ephemeral:
+    /// dropped when the connection ends).
+    typing: Vec<i64>,
 }
 
 impl Task {
@@ -95,6 +98,7 @@ impl Task {
             outbox: Outbox::default(),
             rng: Rng::from_os(),
             conn: 0,
+            typing: Vec::new(),
             endpoints: transport::endpoints(&opts.url),
             opts,
             room,
@@ -265,6 +269,12 @@ impl Task {
             Some(Cmd::Cancel { id }) => {
                 if self.outbox.complete(&id, self.conn).is_some() {
                     self.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+                true
+            }
+            Some(Cmd::Typing { conversation_id }) => {
+                if !self.typing.contains(&conversation_id) && self.typing.len() < 64 {
+                    self.typing.push(conversation_id);
                 }
                 true
             }
@@ -518,6 +528,11 @@ impl Task {
             self.stats.send_writes.fetch_add(1, Ordering::Relaxed);
             wrote = true;
         }
+        for c in std::mem::take(&mut self.typing) {
+            let frame = format!(r#"{{"type":"typing","conversation_id":{c}}}"#);
+            sink.feed(Message::text(frame)).await?;
+            wrote = true;
+        }
         let acks = self.tracker.take_due(now);
         for (c, seq) in &acks {
             let frame = format!(r#"{{"type":"ack","conversation_id":{c},"seq":{seq}}}"#);
@@ -675,6 +690,33 @@ impl Task {
                     from_seq,
                 });
             }
+            ServerFrame::Presence {
+                conversation_id,
+                user,
+                status,
+                last_seen,
+            } => self.emit(ClientEvent::Presence {
+                conversation_id,
+                user,
+                online: status == "online",
+                last_seen,
+            }),
+            ServerFrame::Typing {
+                conversation_id,
+                user,
+            } => self.emit(ClientEvent::Typing {
+                conversation_id,
+                user,
+            }),
+            ServerFrame::Read {
+                conversation_id,
+                user,
+                seq,
+            } => self.emit(ClientEvent::Read {
+                conversation_id,
+                user,
+                seq,
+            }),
             ServerFrame::Pong | ServerFrame::Unknown => {}
         }
         None

@@ -294,6 +294,28 @@ pub enum ClientEvent {
         conversation_id: i64,
         from_seq: i64,
     },
+    /// Another member's presence changed (or, right after `Synced`, is):
+    /// `online` while they hold a connection anywhere, offline only after
+    /// the server's grace period. Pushed in conversations of at most the
+    /// server's `--presence-push-max-members`.
+    Presence {
+        conversation_id: i64,
+        user: String,
+        online: bool,
+        /// RFC 3339; `None` for a user never seen.
+        last_seen: Option<String>,
+    },
+    /// Another member is typing (show it for 5 s unless renewed).
+    Typing {
+        conversation_id: i64,
+        user: String,
+    },
+    /// Another member has read the conversation up to `seq`.
+    Read {
+        conversation_id: i64,
+        user: String,
+        seq: i64,
+    },
     State(ConnState),
     Error(ClientError),
 }
@@ -371,6 +393,9 @@ pub(crate) enum Cmd {
     Ack {
         conversation_id: i64,
         seq: i64,
+    },
+    Typing {
+        conversation_id: i64,
     },
     /// Skip the backoff wait now under way (if any).
     ReconnectNow,
@@ -483,6 +508,13 @@ impl ClientHandle {
             conversation_id,
             seq,
         });
+    }
+
+    /// Tells the other members the user is typing (members only; the
+    /// server forwards it at most once every 2 s; nothing is sent while
+    /// disconnected).
+    pub fn typing(&self, conversation_id: i64) {
+        let _ = self.cmd.send(Cmd::Typing { conversation_id });
     }
 
     /// Closes the connection (1000, after writing the acks due) and stops
@@ -615,6 +647,11 @@ impl Client {
     /// See [`ClientHandle::ack`].
     pub fn ack(&self, conversation_id: i64, seq: i64) {
         self.handle.ack(conversation_id, seq)
+    }
+
+    /// See [`ClientHandle::typing`].
+    pub fn typing(&self, conversation_id: i64) {
+        self.handle.typing(conversation_id)
     }
 
     /// See [`ClientHandle::close`].

@@ -234,6 +234,24 @@ pub enum Page {
     After(i64),
 }
 
+/// One member in `GET /v1/conversations/{id}/presence`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MemberPresence {
+    pub user: String,
+    /// `online` or `offline`.
+    pub status: String,
+    /// RFC 3339; `None` for a user never seen.
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    /// The highest seq they have read (their cursor).
+    pub read_seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PresencePage {
+    pub members: Vec<MemberPresence>,
+}
+
 /// A page of a conversation's events, in the order of its [`Page`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EventsPage {
@@ -524,6 +542,16 @@ impl Rest {
     ) -> Result<EventsPage, RestError> {
         self.events(conversation_id, Page::Before(before_seq), limit)
             .await
+    }
+
+    /// Every member's presence and read position (members only).
+    pub async fn presence(&self, conversation_id: i64) -> Result<PresencePage, RestError> {
+        self.call(
+            "GET",
+            &format!("/v1/conversations/{conversation_id}/presence"),
+            None,
+        )
+        .await
     }
 
     /// `GET path` without caring about the status (e.g. `/ready`, `/health`).

@@ -85,6 +85,11 @@ pub enum ClientFrame {
         conversation_id: i64,
         seq: i64,
     },
+    /// The user is typing in a conversation (forwarded to the other
+    /// members; ephemeral).
+    Typing {
+        conversation_id: i64,
+    },
     Ping,
 }
 
@@ -116,6 +121,9 @@ impl RawFrame<'_> {
             "ack" => Some(ClientFrame::Ack {
                 conversation_id: self.conversation_id?,
                 seq: self.seq?,
+            }),
+            "typing" => Some(ClientFrame::Typing {
+                conversation_id: self.conversation_id?,
             }),
             "ping" => Some(ClientFrame::Ping),
             _ => None,
@@ -174,6 +182,12 @@ impl ClientFrame {
                 }
                 Ok(())
             }
+            ClientFrame::Typing { conversation_id } => {
+                if *conversation_id <= 0 {
+                    return Err("conversation_id must be positive".into());
+                }
+                Ok(())
+            }
             ClientFrame::Ping => Ok(()),
         }
     }
@@ -194,7 +208,7 @@ impl ClientFrame {
             .and_then(|t| t.as_str())
             .map(str::to_owned);
         let frame: ClientFrame = serde_json::from_value(value).map_err(|e| FrameError {
-            code: if matches!(kind.as_deref(), Some("send" | "ack" | "ping")) {
+            code: if matches!(kind.as_deref(), Some("send" | "ack" | "typing" | "ping")) {
                 "invalid_field"
             } else {
                 "unknown_type"
@@ -254,6 +268,27 @@ pub enum ServerFrame {
         retry_after: Option<f64>,
     },
     Pong,
+    /// A member's presence (ephemeral, no seq).
+    Presence {
+        conversation_id: i64,
+        user: String,
+        /// `online` or `offline`.
+        status: String,
+        /// RFC 3339.
+        #[serde(default)]
+        last_seen: Option<String>,
+    },
+    /// A member is typing (show it for 5 s unless renewed).
+    Typing {
+        conversation_id: i64,
+        user: String,
+    },
+    /// A member's cursor moved: they have read up to `seq`.
+    Read {
+        conversation_id: i64,
+        user: String,
+        seq: i64,
+    },
     /// The conversation's history below `from_seq` was pruned (retention)
     /// while the connection's position was below it: events continue,
     /// gap-free, from `from_seq`.
@@ -279,6 +314,30 @@ pub mod server {
 
     pub fn pong() -> String {
         r#"{"type":"pong"}"#.to_string()
+    }
+
+    /// `user` is online or offline (`last_seen`, RFC 3339) in a
+    /// conversation the reader shares with them.
+    pub fn presence(conversation_id: i64, user: &str, online: bool, last_seen: &str) -> String {
+        json!({
+            "type": "presence",
+            "conversation_id": conversation_id,
+            "user": user,
+            "status": if online { "online" } else { "offline" },
+            "last_seen": if last_seen.is_empty() { serde_json::Value::Null } else { last_seen.into() },
+        })
+        .to_string()
+    }
+
+    /// `user` is typing in the conversation.
+    pub fn typing(conversation_id: i64, user: &str) -> String {
+        json!({"type": "typing", "conversation_id": conversation_id, "user": user}).to_string()
+    }
+
+    /// `user` has read the conversation up to `seq`.
+    pub fn read(conversation_id: i64, user: &str, seq: i64) -> String {
+        json!({"type": "read", "conversation_id": conversation_id, "user": user, "seq": seq})
+            .to_string()
     }
 
     /// History below `from_seq` is gone (retention): what follows in this

@@ -45,7 +45,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
 /// Frames shaped like real ones, with one field of each made hostile.
 fn near_frame() -> impl Strategy<Value = serde_json::Value> {
     (
-        prop_oneof![Just("send"), Just("ack"), Just("ping"), Just("SEND"), Just("")],
+        prop_oneof![Just("send"), Just("ack"), Just("ping"), Just("typing"), Just("SEND"), Just("")],
         json_value(),
         json_value(),
         json_value(),
@@ -131,6 +131,9 @@ fn check(text: &str) -> Result<(), TestCaseError> {
             seq,
         }) => {
             prop_assert!(conversation_id > 0 && seq >= 0);
+        }
+        Ok(ClientFrame::Typing { conversation_id }) => {
+            prop_assert!(conversation_id > 0);
         }
         Ok(ClientFrame::Ping) => {}
         Err(e) => prop_assert!(CODES.contains(&e.code), "{}", e.code),

@@ -258,6 +258,47 @@ pub struct WorkerOptions {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub prune_interval_secs: u64,
+    /// Presence, typing and read receipts (on|off).
+    #[arg(
+        long,
+        env = "TETHER_PRESENCE",
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = parse_on_off,
+        action = clap::ArgAction::Set
+    )]
+    pub presence: bool,
+    /// A user is shown offline only after this long with no connection on
+    /// any worker of any host (s).
+    #[arg(
+        long,
+        env = "TETHER_PRESENCE_GRACE_SECS",
+        value_name = "SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub presence_grace_secs: u64,
+    /// A worker's presence lease lasts this long unless renewed (renewed
+    /// every third of it): how long a killed worker's users stay online
+    /// at most, if longer than the grace period (s).
+    #[arg(
+        long,
+        env = "TETHER_PRESENCE_LEASE_SECS",
+        value_name = "SECS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(3..)
+    )]
+    pub presence_lease_secs: u64,
+    /// Presence, typing and read receipts are pushed in conversations of
+    /// at most this many members (larger ones: GET
+    /// /v1/conversations/{id}/presence).
+    #[arg(
+        long,
+        env = "TETHER_PRESENCE_PUSH_MAX_MEMBERS",
+        value_name = "N",
+        default_value_t = 200
+    )]
+    pub presence_push_max_members: u64,
 }
 
 /// `--demo`'s values: on/1/true/yes and off/0/false/no.
@@ -398,6 +439,7 @@ pub struct WorkerConfig {
     pub retention: crate::store::retain::Retention,
     /// How often the retention job runs.
     pub prune_interval: Duration,
+    pub presence: crate::presence::PresenceConfig,
 }
 
 impl WorkerArgs {
@@ -457,6 +499,12 @@ impl WorkerArgs {
                 max_age: Duration::from_secs(o.retention_days.saturating_mul(86_400)),
             },
             prune_interval: Duration::from_secs(o.prune_interval_secs),
+            presence: crate::presence::PresenceConfig {
+                enabled: o.presence,
+                grace: Duration::from_secs(o.presence_grace_secs),
+                lease: Duration::from_secs(o.presence_lease_secs),
+                push_max_members: o.presence_push_max_members.min(i64::MAX as u64) as i64,
+            },
         }
     }
 }

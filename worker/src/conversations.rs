@@ -100,6 +100,19 @@ pub async fn send_message(
     }
 }
 
+/// `GET /v1/conversations/{id}/presence`: every member's status, last
+/// seen and read position (members only; 404 otherwise, as everywhere).
+pub async fn presence(app: Arc<App>, user: Arc<str>, conversation_id: i64) -> Response<Body> {
+    let u = user.to_string();
+    match app
+        .db(move |c| store::presence::of_conversation(c, conversation_id, &u))
+        .await
+    {
+        Ok(members) => json_response(StatusCode::OK, json!({ "members": members }).to_string()),
+        Err(e) => store_error_response(&e),
+    }
+}
+
 pub async fn list_conversations(
     app: Arc<App>,
     user: Arc<str>,
@@ -222,14 +235,39 @@ pub async fn move_cursor(
         .db_write(move |c| store::move_cursor(c, conversation_id, &who, seq))
         .await
     {
-        Ok(store::CursorMove::At(cursor)) => json_response(
-            StatusCode::OK,
-            json!({"conversation_id": conversation_id, "cursor": cursor}).to_string(),
-        ),
+        Ok(store::CursorMove::At(cursor)) => {
+            app.cursors.receipt(conversation_id, &user, cursor);
+            json_response(
+                StatusCode::OK,
+                json!({"conversation_id": conversation_id, "cursor": cursor}).to_string(),
+            )
+        }
         Ok(store::CursorMove::BeyondLast(last)) => fail(
             tether_protocol::error_code::ErrorCode::InvalidSeq,
             &format!("seq {seq} is beyond the last seq {last}"),
         ),
+        Err(e) => store_error_response(&e),
+    }
+}
+
+/// `POST /v1/conversations/{id}/typing`: the caller is typing (an HTTP
+/// client's `typing` frame: SSE clients send this way). 202 when relayed
+/// or dropped by the once-per-2-s limit alike (typing is ephemeral), 404
+/// for a non-member.
+pub async fn typing(app: Arc<App>, user: Arc<str>, conversation_id: i64) -> Response<Body> {
+    let u = user.to_string();
+    match app
+        .db(move |c| store::is_member(c, conversation_id, &u))
+        .await
+    {
+        Ok(true) => {
+            app.signals.typing(&user, conversation_id);
+            json_response(
+                StatusCode::ACCEPTED,
+                json!({ "conversation_id": conversation_id }).to_string(),
+            )
+        }
+        Ok(false) => store_error_response(&StoreError::NotFound(conversation_id)),
         Err(e) => store_error_response(&e),
     }
 }

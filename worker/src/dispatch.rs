@@ -30,6 +30,7 @@
 use crate::frame::{Frame, MembershipChange};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Identifies one WebSocket connection in this worker.
 pub type ConnId = u64;
@@ -75,6 +76,14 @@ pub enum Input {
     },
     /// The retry an [`Action::RetryLater`] asked for is due.
     RetryFetches,
+    /// An ephemeral frame (presence, typing, read) about `about` in a
+    /// conversation: for the connections here of its other members. No
+    /// seq, no order with events, nothing kept.
+    Signal {
+        conversation_id: i64,
+        about: Arc<str>,
+        text: Utf8Bytes,
+    },
 }
 
 /// What the dispatcher asks the shell to do, in order.
@@ -101,6 +110,8 @@ pub enum Action {
     Fetch(Vec<(i64, i64)>),
     /// Send [`Input::RetryFetches`] a little later (a read failed).
     RetryLater,
+    /// Queue an ephemeral frame for `conn`.
+    Signal { conn: ConnId, text: Utf8Bytes },
 }
 
 struct Conn {
@@ -211,6 +222,29 @@ impl State {
                 self.retry_scheduled = false;
                 let failed: Vec<i64> = self.failed_fetches.drain().collect();
                 self.to_fetch.extend(failed);
+            }
+            Input::Signal {
+                conversation_id,
+                about,
+                text,
+            } => self.signal(conversation_id, &about, text),
+        }
+    }
+
+    /// An ephemeral frame goes to the subscribers of the conversation
+    /// (members here, their membership checked by the subscription rules)
+    /// but not to the connections of the user it is about.
+    fn signal(&mut self, c: i64, about: &str, text: Utf8Bytes) {
+        let Some(conv) = self.convs.get(&c) else {
+            return;
+        };
+        for conn in &conv.subs {
+            let theirs = self.conns.get(conn).is_some_and(|s| &*s.user == about);
+            if !theirs {
+                self.actions.push(Action::Signal {
+                    conn: *conn,
+                    text: text.clone(),
+                });
             }
         }
     }

@@ -33,6 +33,9 @@
 use crate::dispatch::{Action, ConnId, Input, State};
 use crate::frame::Frame;
 use crate::metrics::Metrics;
+use crate::presence::relay::{self, MemberCounts, Throttle, PRESENCE_EVERY};
+use crate::presence::signal::{self, Signal, SIGNAL_CHANNEL};
+use crate::presence::PresenceConfig;
 use crate::recent::RecentFrames;
 use crate::store::{self, DbSettings, Notice, NoticeKey, Pool, StoreError, NOTIFY_CHANNEL};
 use postgres::fallible_iterator::FallibleIterator;
@@ -41,6 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Events read per conversation per catch-up query.
 const FETCH_LIMIT: usize = 2000;
@@ -58,6 +62,8 @@ pub enum ConnMsg {
         after: i64,
         upto: i64,
     },
+    /// An ephemeral frame (presence, typing, read): written as is.
+    Signal(Utf8Bytes),
 }
 
 /// What a connection and the dispatcher share about its queue.
@@ -72,8 +78,20 @@ pub struct QueueState {
 impl QueueState {
     /// The connection took `msg` off its queue.
     pub fn taken(&self, msg: &ConnMsg) {
-        if let ConnMsg::Event(f) = msg {
-            self.queued_bytes.fetch_sub(f.text.len(), Ordering::AcqRel);
+        let cost = msg.cost();
+        if cost > 0 {
+            self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+        }
+    }
+}
+
+impl ConnMsg {
+    /// Bytes it holds in a connection's queue.
+    fn cost(&self) -> usize {
+        match self {
+            ConnMsg::Event(f) => f.text.len(),
+            ConnMsg::Backfill { .. } => 0,
+            ConnMsg::Signal(text) => text.len(),
         }
     }
 }
@@ -92,6 +110,10 @@ enum Msg {
         state: Arc<QueueState>,
     },
     Rules(Input),
+    /// Authenticated signals heard on the LISTEN connection.
+    Signals(Vec<Signal>),
+    /// Presence changes held by the throttle may be due.
+    SignalsDue,
 }
 
 /// The handle connections and commit lanes use. Cheap to clone.
@@ -104,6 +126,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// Starts the dispatcher task (on the current runtime) and the LISTEN
     /// thread.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         recent: Arc<RecentFrames>,
         pool: Pool,
@@ -112,6 +135,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         worker_id: &str,
         queue_bytes: usize,
+        presence: PresenceConfig,
     ) -> Dispatcher {
         let (tx, rx) = mpsc::channel(INBOX);
         let (alive_tx, alive_rx) = watch::channel(true);
@@ -123,6 +147,10 @@ impl Dispatcher {
             metrics: metrics.clone(),
             self_tx: tx.clone(),
             queue_bytes,
+            presence,
+            throttle: Throttle::default(),
+            due_scheduled: false,
+            counts: Arc::new(MemberCounts::default()),
         };
         tokio::spawn(shell.run(rx));
         let listen_tx = tx.clone();
@@ -130,7 +158,7 @@ impl Dispatcher {
             .name(format!("{worker_id}-listen"))
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    listen_loop(settings, &listen_tx, &metrics, &key)
+                    listen_loop(settings, &listen_tx, &metrics, &key, presence.enabled)
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     log::error!("listen: the LISTEN thread panicked");
@@ -221,6 +249,12 @@ struct Shell {
     self_tx: mpsc::Sender<Msg>,
     /// Bytes of events queued for one connection before it is cut.
     queue_bytes: usize,
+    presence: PresenceConfig,
+    /// At most one presence frame per user per second.
+    throttle: Throttle,
+    due_scheduled: bool,
+    /// Member counts (typing and receipts go to small conversations).
+    counts: Arc<MemberCounts>,
 }
 
 impl Shell {
@@ -264,7 +298,49 @@ impl Shell {
                 }
                 self.rules.handle(input);
             }
+            Msg::Signals(signals) => {
+                let now = Instant::now();
+                let pass: Vec<Signal> = signals
+                    .into_iter()
+                    .filter_map(|s| self.throttle.offer(s, now))
+                    .collect();
+                self.relay(pass);
+            }
+            Msg::SignalsDue => {
+                self.due_scheduled = false;
+                let due = self.throttle.due(Instant::now());
+                self.relay(due);
+            }
         }
+    }
+
+    /// Turns signals into the dispatcher's inputs (reading which
+    /// conversations they go to off the async threads), and schedules the
+    /// throttle's held changes.
+    fn relay(&mut self, signals: Vec<Signal>) {
+        if self.throttle.holding() && !self.due_scheduled {
+            self.due_scheduled = true;
+            let tx = self.self_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(PRESENCE_EVERY / 4).await;
+                let _ = tx.send(Msg::SignalsDue).await;
+            });
+        }
+        if signals.is_empty() {
+            return;
+        }
+        let (pool, counts, tx) = (self.pool.clone(), self.counts.clone(), self.self_tx.clone());
+        let max = self.presence.push_max_members;
+        tokio::task::spawn_blocking(move || match relay::inputs(&pool, &counts, signals, max) {
+            Ok(inputs) => {
+                for input in inputs {
+                    if tx.blocking_send(Msg::Rules(input)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => log::debug!("presence: signals not relayed: {e}"),
+        });
     }
 
     fn perform(&mut self, action: Action) {
@@ -302,6 +378,10 @@ impl Shell {
                         .observe_duration(frame.committed_at.elapsed());
                 }
             }
+            Action::Signal { conn, text } => {
+                self.metrics.signal_frames.fetch_add(1, Ordering::Relaxed);
+                self.queue(conn, ConnMsg::Signal(text));
+            }
             Action::Fetch(positions) => self.fetch(positions),
             Action::RetryLater => {
                 let tx = self.self_tx.clone();
@@ -320,10 +400,7 @@ impl Shell {
         let Some(outlet) = self.outlets.get(&conn) else {
             return;
         };
-        let cost = match &msg {
-            ConnMsg::Event(f) => f.text.len(),
-            ConnMsg::Backfill { .. } => 0,
-        };
+        let cost = msg.cost();
         let queued = outlet.state.queued_bytes.load(Ordering::Acquire);
         if queued == 0 || queued + cost <= self.queue_bytes {
             outlet.state.queued_bytes.fetch_add(cost, Ordering::AcqRel);
@@ -423,7 +500,18 @@ fn inputs_of(notice: Notice, metrics: &Metrics) -> Vec<Input> {
 /// blocking) that turns notifications into the dispatcher's inputs, and
 /// reconnects with backoff when the connection is lost (then asks for a
 /// full catch-up). Returns only when the dispatcher is gone.
-fn listen_loop(settings: DbSettings, tx: &mpsc::Sender<Msg>, metrics: &Metrics, key: &NoticeKey) {
+fn listen_loop(
+    settings: DbSettings,
+    tx: &mpsc::Sender<Msg>,
+    metrics: &Metrics,
+    key: &NoticeKey,
+    signals: bool,
+) {
+    let listen = if signals {
+        format!("LISTEN {NOTIFY_CHANNEL}; LISTEN {SIGNAL_CHANNEL}")
+    } else {
+        format!("LISTEN {NOTIFY_CHANNEL}")
+    };
     let mut backoff = Duration::from_millis(100);
     let mut connected_once = false;
     loop {
@@ -431,7 +519,7 @@ fn listen_loop(settings: DbSettings, tx: &mpsc::Sender<Msg>, metrics: &Metrics, 
             return;
         }
         let mut client = match settings.connect().and_then(|mut c| {
-            c.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+            c.batch_execute(&listen)
                 .map(|_| c)
                 .map_err(StoreError::from)
         }) {
@@ -464,6 +552,22 @@ fn listen_loop(settings: DbSettings, tx: &mpsc::Sender<Msg>, metrics: &Metrics, 
                     #[cfg(feature = "fault-injection")]
                     if n.payload() == "tether-fault: panic the LISTEN thread" {
                         panic!("fault injection: LISTEN thread panics");
+                    }
+                    if n.channel() == SIGNAL_CHANNEL {
+                        match signal::parse(n.payload(), key) {
+                            Some(signals) if !signals.is_empty() => {
+                                if tx.blocking_send(Msg::Signals(signals)).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(_) => {}
+                            None => {
+                                metrics
+                                    .notifications_unauthenticated
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        continue;
                     }
                     let notice = Notice::parse(n.payload(), key);
                     for input in inputs_of(notice, metrics) {

@@ -162,8 +162,16 @@ async fn answer(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             Ok(c) => conversations::list_events(app, user, c, query).await,
             Err(r) => r,
         },
+        (Method::GET, Route::Presence(c)) => match c.id() {
+            Ok(c) => conversations::presence(app, user, c).await,
+            Err(r) => r,
+        },
         (Method::POST, Route::Cursor(c)) => match c.id() {
             Ok(c) => conversations::move_cursor(app, user, c, req).await,
+            Err(r) => r,
+        },
+        (Method::POST, Route::Typing(c)) => match c.id() {
+            Ok(c) => conversations::typing(app, user, c).await,
             Err(r) => r,
         },
         (Method::POST, Route::Tickets) => sse::issue_ticket(&app, &user),

@@ -54,6 +54,7 @@ pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod phase;
+pub mod presence;
 pub mod probes;
 pub mod prune;
 pub mod ratelimit;
@@ -110,8 +111,11 @@ pub struct App {
     pub rate: RateLimiter,
     /// Conversation creates and membership changes, per user.
     pub membership_rate: RateLimiter,
-    /// Open WebSocket connections per user (the per-user cap).
+    /// Open WebSocket connections per user (the per-user cap, and
+    /// presence).
     pub user_conns: Arc<upgrade::UserConnections>,
+    /// Presence, typing and read receipts.
+    pub signals: Arc<presence::Signals>,
     pub recent: Arc<recent::RecentFrames>,
     next_conn: AtomicU64,
     /// The schema is up to date (migrations applied): `/ready` waits for it.
@@ -377,6 +381,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
         metrics.clone(),
         &worker,
         config.outbound_queue_bytes,
+        config.presence,
     );
     let committer = Committer::start(
         settings.named(&format!("tether-commit {worker}")),
@@ -387,7 +392,16 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
         metrics.clone(),
         &worker,
     );
-    let cursors = CursorWriter::start(pool.clone());
+    let user_conns = Arc::new(upgrade::UserConnections::default());
+    let signals = Arc::new(presence::Signals::start(
+        config.presence,
+        pool.clone(),
+        key.clone(),
+        user_conns.clone(),
+        metrics.clone(),
+        &worker,
+    ));
+    let cursors = CursorWriter::start(pool.clone(), signals.clone());
     let rate = RateLimiter::new(config.rate_limit, config.rate_burst);
     let replica = match &config.read_database_url {
         None => None,
@@ -422,7 +436,8 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
         ticket_key: tickets::TicketKey::derive(config.secret.as_bytes()),
         verifier,
         membership_rate,
-        user_conns: Arc::new(upgrade::UserConnections::default()),
+        user_conns,
+        signals,
         config,
         pool,
         committer,

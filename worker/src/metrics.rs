@@ -93,6 +93,17 @@ pub struct Metrics {
     /// `truncated` frames written: a connection's position was below a
     /// conversation's horizon.
     pub truncations: AtomicU64,
+    /// Presence transitions this worker made (online or offline).
+    pub presence_changes: AtomicU64,
+    /// Users this worker holds presence leases for (a gauge).
+    pub presence_leases: AtomicU64,
+    pub typing_forwarded: AtomicU64,
+    /// Typing frames dropped by the once-per-2-s limit.
+    pub typing_dropped: AtomicU64,
+    /// Ephemeral frames (presence, typing, read) queued for connections.
+    pub signal_frames: AtomicU64,
+    /// Signals not published (the queue was full).
+    pub signals_dropped: AtomicU64,
     pub commit_latency: Histogram,
     pub commit_batch_size: Histogram,
     pub delivery_latency: Histogram,
@@ -127,6 +138,12 @@ impl Metrics {
             idle_closes: AtomicU64::new(0),
             pruned_events: AtomicU64::new(0),
             truncations: AtomicU64::new(0),
+            presence_changes: AtomicU64::new(0),
+            presence_leases: AtomicU64::new(0),
+            typing_forwarded: AtomicU64::new(0),
+            typing_dropped: AtomicU64::new(0),
+            signal_frames: AtomicU64::new(0),
+            signals_dropped: AtomicU64::new(0),
             commit_latency: Histogram::new(LATENCY_BOUNDS),
             commit_batch_size: Histogram::new(SIZE_BOUNDS),
             delivery_latency: Histogram::new(LATENCY_BOUNDS),
@@ -140,7 +157,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 21] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 27] = [
             (
                 "tether_connections_open",
                 "Open connections (WebSocket and SSE).",
@@ -235,6 +252,42 @@ impl Metrics {
                 "tether_truncations_total",
                 "truncated frames written: a position below a conversation's pruned horizon.",
                 &self.truncations,
+                "counter",
+            ),
+            (
+                "tether_presence_changes_total",
+                "Presence transitions (online, offline) this worker made.",
+                &self.presence_changes,
+                "counter",
+            ),
+            (
+                "tether_presence_leases",
+                "Users this worker holds presence leases for.",
+                &self.presence_leases,
+                "gauge",
+            ),
+            (
+                "tether_typing_forwarded_total",
+                "Typing frames forwarded.",
+                &self.typing_forwarded,
+                "counter",
+            ),
+            (
+                "tether_typing_dropped_total",
+                "Typing frames dropped by the once-per-2-s limit.",
+                &self.typing_dropped,
+                "counter",
+            ),
+            (
+                "tether_signal_frames_total",
+                "Presence, typing and read frames queued for connections.",
+                &self.signal_frames,
+                "counter",
+            ),
+            (
+                "tether_signals_dropped_total",
+                "Signals not published: the publishing queue was full.",
+                &self.signals_dropped,
                 "counter",
             ),
             (

@@ -52,6 +52,10 @@ pub enum Route {
     Events(ConversationRef),
     /// `/v1/conversations/{id}/cursor`
     Cursor(ConversationRef),
+    /// `/v1/conversations/{id}/typing`
+    Typing(ConversationRef),
+    /// `/v1/conversations/{id}/presence`
+    Presence(ConversationRef),
 }
 
 impl Route {
@@ -78,6 +82,8 @@ impl Route {
             ["v1", "conversations", id, "messages"] => Route::Messages(ConversationRef::parse(id)),
             ["v1", "conversations", id, "events"] => Route::Events(ConversationRef::parse(id)),
             ["v1", "conversations", id, "cursor"] => Route::Cursor(ConversationRef::parse(id)),
+            ["v1", "conversations", id, "typing"] => Route::Typing(ConversationRef::parse(id)),
+            ["v1", "conversations", id, "presence"] => Route::Presence(ConversationRef::parse(id)),
             _ => return None,
         };
         Some(route)

@@ -125,6 +125,20 @@ fn encode(buf: &mut BytesMut, out: Out<'_>) {
             );
             buf.extend_from_slice(f.text.as_bytes());
         }
+        Out::Signal(text) => {
+            // Named by its `type` (a few per second at most: parsing is cheap).
+            #[derive(serde::Deserialize)]
+            struct Kind<'a> {
+                #[serde(rename = "type", borrow)]
+                kind: std::borrow::Cow<'a, str>,
+            }
+            let kind = serde_json::from_str::<Kind>(text.as_str())
+                .map_or(std::borrow::Cow::Borrowed("signal"), |k| k.kind);
+            buf.extend_from_slice(b"event: ");
+            buf.extend_from_slice(kind.as_bytes());
+            buf.extend_from_slice(b"\ndata: ");
+            buf.extend_from_slice(text.as_bytes());
+        }
         Out::Control(kind, text) => {
             // `error` is EventSource's own event (a lost connection): the
             // WebSocket's error frame is named `failure` here.
@@ -252,9 +266,16 @@ mod tests {
             &mut buf,
             Out::Control("synced", r#"{"type":"synced"}"#.into()),
         );
+        let typing = tokio_tungstenite::tungstenite::Utf8Bytes::from(
+            tether_protocol::frames::server::typing(7, "bob"),
+        );
+        encode(&mut buf, Out::Signal(&typing));
+        let text = std::str::from_utf8(&buf).unwrap();
         assert_eq!(
-            &buf[..],
-            b"id: 7:42\nevent: event\ndata: 7:42\n\nevent: synced\ndata: {\"type\":\"synced\"}\n\n"
+            text,
+            format!(
+                "id: 7:42\nevent: event\ndata: 7:42\n\nevent: synced\ndata: {{\"type\":\"synced\"}}\n\nevent: typing\ndata: {typing}\n\n"
+            )
         );
     }
 }

@@ -43,6 +43,12 @@ impl UserConnections {
         })
     }
 
+    /// Every user with a connection open here.
+    pub fn users(&self) -> Vec<Arc<str>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.keys().cloned().collect()
+    }
+
     /// Open connections of `user`.
     pub fn count(&self, user: &str) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());

@@ -31,6 +31,9 @@ pub enum Out<'a> {
     /// Any other server frame, with its `type` (`hello`, `synced`,
     /// `error`, `sent`, `pong`), which names an event stream's event.
     Control(&'static str, String),
+    /// A signal the dispatcher relays (`presence`, `typing`, `read`),
+    /// serialized once for all its recipients; its `type` is in the JSON.
+    Signal(&'a Utf8Bytes),
 }
 
 /// Why a connection ends, as far as the wire says it: a WebSocket close
@@ -70,6 +73,7 @@ impl Wire {
                 let text = match out {
                     Out::Event(f) => f.text.clone(),
                     Out::Control(_, s) => Utf8Bytes::from(s),
+                    Out::Signal(t) => t.clone(),
                 };
                 ws.feed(Message::Text(text)).await.map_err(|_| Gone)
             }

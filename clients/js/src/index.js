@@ -1282,7 +1282,7 @@ class SseSocket {
         if (this.readyState === 3) return;
         const es = (this._es = new ES(`${url}?ticket=${encodeURIComponent(ticket)}`));
         // `failure` is the WebSocket's `error` frame (`error` is EventSource's own event).
-        for (const name of ['hello', 'event', 'synced', 'failure', 'truncated', 'ping', 'draining', 'resync']) {
+        for (const name of ['hello', 'event', 'synced', 'failure', 'truncated', 'presence', 'typing', 'read', 'ping', 'draining', 'resync']) {
           es.addEventListener(name, (m) => this._onData(name, m.data));
         }
         // A ticket opens one stream: no EventSource reconnects, the client does.
@@ -1327,6 +1327,8 @@ class SseSocket {
     else if (f.type === 'ack') {
       const path = `/v1/conversations/${f.conversation_id}/cursor`;
       this._acks = this._acks.then(() => this._http('POST', path, { seq: f.seq }).catch(() => {}));
+    } else if (f.type === 'typing') {
+      this._http('POST', `/v1/conversations/${f.conversation_id}/typing`).catch(() => {});
     } else if (f.type === 'ping') {
       // Answered once the acks before it are done, and only while the
       // stream is heard from: the client's heartbeat then drops a stream

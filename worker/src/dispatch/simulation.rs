@@ -222,6 +222,9 @@ impl World {
                 Action::Delivered { .. } => {}
                 Action::Fetch(p) => self.fetches.push(p),
                 Action::RetryLater => self.retry_due = true,
+                // Ephemeral frames carry no seq: nothing to check here
+                // (their rule is unit-tested in tests.rs).
+                Action::Signal { .. } => {}
             }
         }
     }

@@ -293,3 +293,44 @@ fn catch_up_all_reads_every_followed_conversation() {
     st.handle(Input::CatchUpAll);
     assert_eq!(fetches(&st.take_actions()), vec![vec![(1, 3)]]);
 }
+
+#[test]
+fn a_signal_reaches_the_other_members_here_and_nobody_else() {
+    let mut st = following(3, 7, "bob");
+    register(&mut st, 8, "alice");
+    st.handle(Input::Subscribe {
+        conn: 8,
+        positions: vec![(1, 3)],
+    });
+    register(&mut st, 9, "carol"); // not subscribed to conversation 1
+    let _ = st.take_actions();
+    let signal = |about: &str| Input::Signal {
+        conversation_id: 1,
+        about: Arc::from(about),
+        text: Utf8Bytes::from_static("{}"),
+    };
+    let targets = |actions: Vec<Action>| -> Vec<ConnId> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Signal { conn, .. } => Some(conn),
+                _ => None,
+            })
+            .collect()
+    };
+    st.handle(signal("alice"));
+    assert_eq!(targets(st.take_actions()), vec![7], "not to alice herself");
+    st.handle(signal("dave"));
+    let mut t = targets(st.take_actions());
+    t.sort();
+    assert_eq!(t, vec![7, 8]);
+    st.handle(Input::Signal {
+        conversation_id: 2,
+        about: Arc::from("dave"),
+        text: Utf8Bytes::from_static("{}"),
+    });
+    assert!(
+        targets(st.take_actions()).is_empty(),
+        "nobody follows 2 here"
+    );
+}

@@ -39,8 +39,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 4,
+        name: "presence",
+        sql: include_str!("../../../migrations/0004_presence.sql"),
+    },
+    Migration {
+        version: 5,
         name: "sse_tickets",
-        sql: include_str!("../../../migrations/0004_sse_tickets.sql"),
+        sql: include_str!("../../../migrations/0005_sse_tickets.sql"),
     },
 ];
 

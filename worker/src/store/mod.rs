@@ -26,6 +26,7 @@ pub mod membership;
 pub mod migrate;
 pub mod notice;
 pub mod oneshot;
+pub mod presence;
 mod read;
 pub mod retain;
 mod tickets;
@@ -281,6 +282,13 @@ impl r2d2::HandleError<postgres::Error> for QuietErrors {
     fn handle_error(&self, error: postgres::Error) {
         log::debug!("pool: connect failed: {error}");
     }
+}
+
+/// `NOTIFY channel, payload` (sent when the implicit transaction commits).
+pub fn notify(client: &mut Client, channel: &str, payload: &str) -> Result<(), StoreError> {
+    use oneshot::OneShot;
+    client.oneshot_execute("SELECT pg_notify($1, $2)", &[&channel, &payload])?;
+    Ok(())
 }
 
 /// Brings the database's schema up to date (see [`migrate`]).

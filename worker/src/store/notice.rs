@@ -62,7 +62,7 @@ impl NoticeKey {
     }
 
     /// `body` with its authentication line in front.
-    fn seal(&self, body: &str, now_ms: u64) -> String {
+    pub(crate) fn seal(&self, body: &str, now_ms: u64) -> String {
         let stamp = now_ms.to_string();
         let tag = self.mac(&stamp, body).finalize().into_bytes();
         let mut out = String::with_capacity(body.len() + 84);
@@ -79,7 +79,7 @@ impl NoticeKey {
 
     /// The body of `payload` if its authentication line is valid and
     /// recent; `None` otherwise.
-    fn open<'a>(&self, payload: &'a str, now_ms: u64) -> Option<&'a str> {
+    pub(crate) fn open<'a>(&self, payload: &'a str, now_ms: u64) -> Option<&'a str> {
         let (first, body) = payload.split_once('\n')?;
         let mut parts = first.split(' ');
         let (Some("a"), Some(stamp), Some(tag), None) =

@@ -139,12 +139,46 @@ impl Connection {
         self.write_now("synced", server::synced())
             .await
             .map_err(|_| End::ClientClosed)?;
+        self.presence_burst().await?;
         log::debug!(
             "user={} conn={}: synced after {replayed} backlog events",
             self.user,
             self.id
         );
         Ok(())
+    }
+
+    /// Right after `synced`: the presence of the other members of the
+    /// user's conversations small enough to push to (at most
+    /// [`BURST_MAX`](crate::presence::BURST_MAX) frames). Skipped when
+    /// presence is off or the database is unavailable: changes still come.
+    async fn presence_burst(&mut self) -> Result<(), End> {
+        if !self.app.signals.enabled() {
+            return Ok(());
+        }
+        let (user, max) = (
+            self.user.to_string(),
+            self.app.config.presence.push_max_members,
+        );
+        let burst = self
+            .app
+            .db(move |c| store::presence::burst(c, &user, max, crate::presence::BURST_MAX))
+            .await;
+        match burst {
+            Ok(rows) => {
+                for (c, p) in rows {
+                    let f = server::presence(c, &p.user, p.online, &p.last_seen);
+                    self.write_control("presence", f)
+                        .await
+                        .map_err(|_| End::ClientClosed)?;
+                }
+                self.flush().await.map_err(|_| End::ClientClosed)
+            }
+            Err(e) => {
+                log::debug!("user={} conn={}: presence burst: {e}", self.user, self.id);
+                Ok(())
+            }
+        }
     }
 
     /// Test-only (fault injection): with `TETHER_FAULT_HOLD_SUBSCRIBE_DIR`
@@ -227,6 +261,10 @@ impl Connection {
         self.queue.taken(&msg);
         match msg {
             ConnMsg::Event(f) => self.on_event(f).await,
+            ConnMsg::Signal(text) => self
+                .write(Out::Signal(&text))
+                .await
+                .map_err(|_| End::ClientClosed),
             ConnMsg::Backfill {
                 conversation_id,
                 after,

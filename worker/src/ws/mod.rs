@@ -345,6 +345,24 @@ impl Connection {
         };
         let reply = match frame {
             ClientFrame::Ping => ("pong", server::pong()),
+            // Members only (the sequencer knows: the same rule as acks);
+            // forwarded at most once per 2 s, silently dropped beyond.
+            ClientFrame::Typing { conversation_id } => {
+                if self.seq.last(conversation_id).is_none() {
+                    (
+                        "error",
+                        server::error(
+                            "not_found",
+                            &format!("conversation {conversation_id} not found"),
+                            None,
+                            None,
+                        ),
+                    )
+                } else {
+                    self.app.signals.typing(&self.user, conversation_id);
+                    return Ok(());
+                }
+            }
             ClientFrame::Ack {
                 conversation_id,
                 seq,
