@@ -695,3 +695,31 @@ async fn presence_typing_and_read_receipts_ride_the_stream() {
         (json!(c), json!(seq))
     );
 }
+
+#[tokio::test]
+async fn streams_count_against_the_per_address_limit() {
+    let db = TestDb::new_async().await;
+    let w = WorkerProc::spawn(
+        &db.url(),
+        TEST_SECRET,
+        &["--max-connections-per-ip", "2"],
+        &[],
+    );
+    // Everyone here is 127.0.0.1: one WebSocket and one stream fill it.
+    let (_alice, _) = ws_connect(&w, "alice").await;
+    let mut bob = stream(w.addr(), "bob").await;
+    bob.read_until_synced(T).await;
+    let e = SseClient::connect(w.addr(), "/v1/sse", Some(&tok("carol")))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.0, 429, "{e:?}");
+    assert!(e.1.contains("address"), "{e:?}");
+    drop(bob);
+    // The stream's place is given back when it closes.
+    let started = std::time::Instant::now();
+    while let Err(e) = SseClient::connect(w.addr(), "/v1/sse", Some(&tok("carol"))).await {
+        assert!(e.0 == 429 && started.elapsed() < T, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -2,8 +2,9 @@
 //! `tether` with real `tether-worker`s on a throwaway PostgreSQL, real
 //! signals. sd_notify datagrams on a NOTIFY_SOCKET the test binds, a worker
 //! SIGKILLed and replaced at once, the intensity limit, a SIGHUP roll under
-//! load with nothing refused, and SIGTERM closing clients with 1001 within
-//! the drain time.
+//! load with nothing refused, SIGTERM closing clients with 1001 within
+//! the drain time, and the drain delay (`/ready` 503 at once while the host
+//! keeps serving; a second signal stops at once).
 
 use serde_json::json;
 use std::collections::HashSet;
@@ -418,4 +419,89 @@ async fn sigterm_closes_clients_with_1001_and_exits_within_the_drain_time() {
     // Drain 2 s, SIGKILL at drain + 2 s: a clean drain (no SIGKILL) is
     // well within that.
     assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_drain_delay_ready_turns_503_at_once_while_the_host_keeps_serving() {
+    let db = TestDb::new_async().await;
+    let url = db.url();
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        ClusterProc::spawn_with(
+            &url,
+            TEST_SECRET,
+            2,
+            &["--drain-ms", "2000", "--drain-delay-ms", "1500"],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    let addr = cluster.addr();
+    let mut before = WsClient::connect(&cluster.ws_url(), &tok("early"))
+        .await
+        .expect("connect");
+    before.read_until_synced(T).await;
+
+    let t0 = Instant::now();
+    assert!(cluster.signal(libc::SIGTERM));
+    // Every worker answers /ready with 503 (whichever accepts): wait
+    // until two in a row do, then keep asking.
+    assert!(
+        wait_until_async(T, Duration::from_millis(10), || async {
+            http(addr, "GET", "/ready", None, None).await.status == 503
+                && http(addr, "GET", "/ready", None, None).await.status == 503
+        })
+        .await
+    );
+    let unready = t0.elapsed();
+    assert!(
+        unready < Duration::from_millis(1000),
+        "503 after {unready:?}"
+    );
+    let h = http(addr, "GET", "/health", None, None).await.json();
+    assert_eq!(h["phase"], "leaving", "{h}");
+    // Meanwhile the host serves: new WebSockets, REST, the old connection.
+    let mut during = WsClient::connect(&cluster.ws_url(), &tok("late"))
+        .await
+        .expect("a new connection during the delay");
+    during.read_until_synced(T).await;
+    let c = create_conversation(addr, "late", &["early"]).await;
+    recv_event(&mut before, |v| v["conversation_id"] == c).await;
+    assert!(!before.is_closed());
+    // After the delay: the drain as always (1001), then the exit.
+    assert_eq!(before.wait_close(T).await, Some(1001));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "closed {:?} after SIGTERM, before the delay",
+        t0.elapsed()
+    );
+    assert_eq!(during.wait_close(T).await, Some(1001));
+    let status = cluster.wait_exit_async(T).await.expect("tether exits");
+    assert_eq!(status.code(), Some(0), "{}", cluster.log_tail(40));
+    eprintln!(
+        "drain delay 1500 ms: /ready 503 {} ms after SIGTERM, exit after {} ms",
+        unready.as_millis(),
+        t0.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn a_second_stop_signal_during_the_drain_delay_stops_at_once() {
+    let db = TestDb::new();
+    let mut cluster = ClusterProc::spawn_with(
+        &db.url(),
+        TEST_SECRET,
+        2,
+        &["--drain-delay-ms", "20000"],
+        &[],
+    );
+    let t0 = Instant::now();
+    assert!(cluster.signal(libc::SIGINT));
+    assert!(wait_until(T, Duration::from_millis(10), || {
+        http_blocking(cluster.addr(), "GET", "/ready", None, None).is_ok_and(|r| r.status == 503)
+    }));
+    assert!(cluster.signal(libc::SIGINT));
+    let status = cluster.wait_exit(T).expect("tether exits");
+    assert_eq!(status.code(), Some(1), "forced: {}", cluster.log_tail(20));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }

@@ -10,10 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The load tool measures throughput, not the per-user limits, which
-/// would refuse its senders: spawned servers run without the send and
-/// membership rate limits (a `--worker-arg` given after these wins).
-const UNLIMITED_RATES: [&str; 4] = ["--rate-limit", "0", "--membership-rate", "0"];
+/// The load tool measures throughput, not the per-user and per-address
+/// limits, which would refuse its senders and its thousands of connections
+/// from a few loopback addresses: spawned servers run without the send and
+/// membership rate limits and the per-address connection limit (a
+/// `--worker-arg` given after these wins).
+const UNLIMITED_RATES: [&str; 6] = [
+    "--rate-limit",
+    "0",
+    "--membership-rate",
+    "0",
+    "--max-connections-per-ip",
+    "0",
+];
 
 use tether_client::Rest;
 use tether_pgcluster::{PgCluster, PgOptions};

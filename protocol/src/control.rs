@@ -9,7 +9,10 @@
 //! - worker → supervisor: `ready` (accepting), `hb` (heartbeat, every
 //!   [`HEARTBEAT_INTERVAL_MS`]), `draining` (stopped accepting);
 //! - supervisor → worker: `status <configured> <alive> <restarts>` whenever
-//!   the cluster changes, which the worker shows in `/health`.
+//!   the cluster changes, which the worker shows in `/health`; `unready`
+//!   when the host is about to stop (`--drain-delay-ms`): `/ready` answers
+//!   503 from then on while the worker keeps accepting and serving, so a
+//!   load balancer takes the host out before its SIGTERM.
 //!
 //! A worker whose control socket reaches end-of-file has lost its supervisor
 //! and drains itself, so no orphan keeps serving.
@@ -60,6 +63,8 @@ pub enum WorkerMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SupervisorMessage {
     Status(ClusterStatus),
+    /// The host is leaving: answer `/ready` with 503, keep serving.
+    Unready,
 }
 
 impl WorkerMessage {
@@ -88,6 +93,7 @@ impl SupervisorMessage {
             SupervisorMessage::Status(s) => {
                 format!("status {} {} {}\n", s.configured, s.alive, s.restarts)
             }
+            SupervisorMessage::Unready => "unready\n".to_string(),
         }
     }
 
@@ -105,6 +111,7 @@ impl SupervisorMessage {
                     restarts,
                 }))
             }
+            "unready" if parts.next().is_none() => Some(SupervisorMessage::Unready),
             _ => None,
         }
     }
@@ -164,6 +171,10 @@ mod tests {
         });
         assert_eq!(SupervisorMessage::parse(s.encode().trim_end()), Some(s));
         assert_eq!(SupervisorMessage::parse("status 1 x 2"), None);
+        let u = SupervisorMessage::Unready;
+        assert_eq!(u.encode(), "unready\n");
+        assert_eq!(SupervisorMessage::parse("unready"), Some(u));
+        assert_eq!(SupervisorMessage::parse("unready now"), None);
         assert_eq!(WorkerMessage::parse("bogus"), None);
     }
 

@@ -97,8 +97,12 @@ impl Channel {
     /// socket (full buffer) or has gone misses it, and the next change
     /// sends a fresh one.
     pub fn send_status(&mut self, status: ClusterStatus) -> io::Result<()> {
-        let line = SupervisorMessage::Status(status).encode();
-        self.stream.write_all(line.as_bytes())
+        self.send(SupervisorMessage::Status(status))
+    }
+
+    /// Writes one line to the worker.
+    pub fn send(&mut self, message: SupervisorMessage) -> io::Result<()> {
+        self.stream.write_all(message.encode().as_bytes())
     }
 }
 

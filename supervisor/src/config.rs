@@ -29,7 +29,9 @@ const WORKER_HEADING: &str = "Worker options (passed on to every worker)";
 /// What `tether --help` shows after the options.
 const AFTER_HELP: &str = "\
 Signals:
-  SIGTERM, SIGINT  drain the workers and exit 0 (a second one kills them now)
+  SIGTERM, SIGINT  drain the workers and exit 0 (a second one kills them now);
+                   with --drain-delay-ms, /ready says 503 for that long first
+                   while the workers keep serving
   SIGHUP           replace the workers one at a time
 
 Without --database-url, tether runs a private PostgreSQL in --data-dir
@@ -96,6 +98,12 @@ pub struct Cli {
     /// Kill a worker whose heartbeat is silent this long (ms).
     #[arg(long, help_heading = SUPERVISOR_HEADING, env = "TETHER_HEARTBEAT_TIMEOUT_MS", value_name = "MS", default_value_t = 5_000)]
     pub heartbeat_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, `/ready` answers 503 this long while the workers
+    /// keep accepting and serving, so load balancers take the host out
+    /// before it stops accepting; then the drain (ms). Set it to at least
+    /// the balancer's check interval × fall + one interval.
+    #[arg(long, help_heading = SUPERVISOR_HEADING, env = "TETHER_DRAIN_DELAY_MS", value_name = "MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
     /// Kill a worker not ready this long after its start (ms).
     #[arg(long, help_heading = SUPERVISOR_HEADING, env = "TETHER_READY_TIMEOUT_MS", value_name = "MS", default_value_t = 30_000)]
     pub ready_timeout_ms: u64,
@@ -162,6 +170,8 @@ pub struct Config {
     pub secret: Option<String>,
     pub data_dir: PathBuf,
     pub drain: Duration,
+    /// `/ready` 503 this long before the SIGTERMs of a stop.
+    pub drain_delay: Duration,
     pub max_restarts: u32,
     pub restart_window: Duration,
     pub heartbeat_timeout: Duration,
@@ -258,6 +268,7 @@ impl Parsed {
             secret: cli.secret.clone(),
             data_dir: cli.data_dir.clone(),
             drain: Duration::from_millis(cli.worker.drain_ms),
+            drain_delay: Duration::from_millis(cli.drain_delay_ms),
             max_restarts: cli.max_restarts,
             restart_window: Duration::from_secs(cli.restart_window_secs),
             heartbeat_timeout: Duration::from_millis(cli.heartbeat_timeout_ms),
@@ -315,6 +326,11 @@ mod tests {
         assert_eq!(d.backoff_initial, Duration::from_millis(100));
         assert_eq!(d.backoff_max, Duration::from_millis(5000));
         assert_eq!(d.drain, Duration::from_millis(10_000));
+        assert_eq!(d.drain_delay, Duration::ZERO);
+        assert_eq!(
+            config(&["--drain-delay-ms", "5000"]).drain_delay,
+            Duration::from_millis(5000)
+        );
         assert!(d.workers >= 1);
         let own = config(&[]);
         assert_eq!(own.worker_args, vec!["worker"]);

@@ -29,6 +29,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
+use tether_protocol::control::SupervisorMessage;
 use tether_protocol::exposition::{file_name, process_metrics};
 
 use crate::channel::Channel;
@@ -187,6 +188,7 @@ impl<'l> Supervisor<'l> {
             ready_timeout: cfg.ready_timeout,
             heartbeat_timeout: cfg.heartbeat_timeout,
             kill_after: cfg.kill_after(),
+            drain_delay: cfg.drain_delay,
             backoff: Backoff::new(cfg.backoff_initial, cfg.backoff_max, BACKOFF_RESET_AFTER),
             intensity: Intensity::new(cfg.max_restarts, cfg.restart_window),
             watchdog,
@@ -307,6 +309,13 @@ impl<'l> Supervisor<'l> {
                         if e != Errno::ESRCH {
                             log::warn!("sup: w{n} pid={pid}: sending {sig}: {e}");
                         }
+                    }
+                }
+            }
+            Action::Unready { n } => {
+                if let Some(ch) = self.procs.get_mut(&n).and_then(|p| p.channel.as_mut()) {
+                    if let Err(e) = ch.send(SupervisorMessage::Unready) {
+                        log::debug!("sup: w{n}: sending unready: {e}");
                     }
                 }
             }

@@ -175,6 +175,29 @@ fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// An external program a test needs (`/usr/sbin/haproxy`...), or `None`
+/// after printing `SKIPPED <test>: ...` to stderr; under
+/// `TETHER_REQUIRE_ALL=1` (as in .ci/run) a missing one fails the test
+/// instead, so CI cannot skip what it was meant to run.
+pub fn tool_or_skip(path: &str, package: &str, test: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(path);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("TETHER_REQUIRE_ALL").as_deref() != Ok("1"),
+        "{} is not installed (apt-get install {package}) and TETHER_REQUIRE_ALL=1",
+        path.display()
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {} not installed (apt-get install {package})",
+        path.display()
+    );
+    None
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

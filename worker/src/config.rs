@@ -125,6 +125,26 @@ pub struct WorkerOptions {
         default_value_t = 64
     )]
     pub max_connections_per_user: usize,
+    /// Open WebSocket and SSE connections from one client address, per worker
+    /// (429 too_many_connections beyond); 0 = unlimited. The address is
+    /// the one `--proxy-protocol-from` peers vouch for, else the peer's.
+    #[arg(
+        long,
+        env = "TETHER_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub max_connections_per_ip: usize,
+    /// Load balancers (comma-separated CIDRs) whose PROXY protocol v2
+    /// header and X-Forwarded-For are believed; from anyone else both are
+    /// ignored [default: nobody].
+    #[arg(
+        long,
+        env = "TETHER_PROXY_PROTOCOL_FROM",
+        value_name = "CIDR,...",
+        value_parser = crate::client_addr::TrustedNets::parse
+    )]
+    pub proxy_protocol_from: Option<crate::client_addr::TrustedNets>,
     /// Bytes of recent frames cached per worker for backlog replays.
     #[arg(long, env = "TETHER_RECENT_CACHE_BYTES", value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
     pub recent_cache_bytes: usize,
@@ -415,6 +435,10 @@ pub struct WorkerConfig {
     pub max_members: usize,
     /// Open WebSocket and SSE connections of one user, 0 = unlimited.
     pub max_connections_per_user: usize,
+    /// Open WebSocket and SSE connections from one client address, 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Peers whose PROXY headers and X-Forwarded-For are believed.
+    pub trusted_proxies: crate::client_addr::TrustedNets,
     /// Bytes of the recent-frames cache.
     pub recent_cache_bytes: usize,
     /// Bytes queued for one connection before 1013.
@@ -483,6 +507,8 @@ impl WorkerArgs {
             membership_burst: o.membership_burst,
             max_members: o.max_members,
             max_connections_per_user: o.max_connections_per_user,
+            max_connections_per_ip: o.max_connections_per_ip,
+            trusted_proxies: o.proxy_protocol_from.unwrap_or_default(),
             recent_cache_bytes: o.recent_cache_bytes,
             outbound_queue_bytes: o.outbound_queue_bytes,
             body_timeout: Duration::from_millis(o.body_timeout_ms),
@@ -564,6 +590,8 @@ mod tests {
         assert_eq!(c.membership_burst, 100.0);
         assert_eq!(c.max_members, 10_000);
         assert_eq!(c.max_connections_per_user, 64);
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.recent_cache_bytes, 64 << 20);
         assert_eq!(c.outbound_queue_bytes, 8 << 20);
         assert_eq!(c.body_timeout, Duration::from_millis(10_000));
@@ -607,6 +635,9 @@ mod tests {
         let mut demo = NEEDED.to_vec();
         demo.extend(["--demo", "maybe"]);
         assert_eq!(kind(&demo), ErrorKind::ValueValidation);
+        let mut cidr = NEEDED.to_vec();
+        cidr.extend(["--proxy-protocol-from", "10.0.0.0/33"]);
+        assert_eq!(kind(&cidr), ErrorKind::ValueValidation);
         let mut unknown = NEEDED.to_vec();
         unknown.push("--nope");
         assert_eq!(kind(&unknown), ErrorKind::UnknownArgument);
@@ -645,5 +676,19 @@ mod tests {
         assert_eq!(env.len(), n);
         assert_eq!(get("TETHER_SECRET"), None);
         assert_eq!(get("TETHER_READ_DATABASE_URL"), None);
+        assert_eq!(get("TETHER_PROXY_PROTOCOL_FROM"), None);
+        // A list is handed on whole.
+        let matches = WorkerArgs::command()
+            .try_get_matches_from(
+                ["tether-worker", "--proxy-protocol-from", "10.0.0.0/8,::1"]
+                    .into_iter()
+                    .chain(NEEDED),
+            )
+            .unwrap();
+        let env = WorkerOptions::env(&matches);
+        assert!(env.contains(&(
+            "TETHER_PROXY_PROTOCOL_FROM".to_string(),
+            "10.0.0.0/8,::1".to_string()
+        )));
     }
 }

@@ -1,6 +1,7 @@
 //! The worker's side of the supervisor's control socket (see
 //! `tether_protocol::control`): says `ready`, `hb` every 500 ms and
-//! `draining`; reads the cluster `status` lines shown in `/health`; drains
+//! `draining`; reads the cluster `status` lines shown in `/health` and
+//! `unready` (answer `/ready` with 503, keep serving); drains
 //! when the socket closes (the supervisor is gone).
 
 use crate::phase::ShutdownReason;
@@ -112,11 +113,13 @@ pub fn attach(app: Arc<App>) -> Option<Control> {
         let mut lines = BufReader::new(read).lines();
         loop {
             match lines.next_line().await {
-                Ok(Some(line)) => {
-                    if let Some(SupervisorMessage::Status(s)) = SupervisorMessage::parse(&line) {
-                        reader_app.cluster.set(s);
+                Ok(Some(line)) => match SupervisorMessage::parse(&line) {
+                    Some(SupervisorMessage::Status(s)) => reader_app.cluster.set(s),
+                    Some(SupervisorMessage::Unready) => {
+                        reader_app.phase.start_leaving();
                     }
-                }
+                    None => {}
+                },
                 Ok(None) | Err(_) => {
                     log::warn!("supervisor gone (control socket closed)");
                     reader_app

@@ -7,6 +7,7 @@
 //! status ([`crate::respond`]); 429 and 503 carry `Retry-After` (and
 //! `retry_after` in the body).
 
+use crate::client_addr::{client_ip, read_proxy_header, HeaderError};
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer};
 use crate::respond::{error_response, fail, retry_response, Body};
@@ -19,6 +20,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_protocol::error_code::ErrorCode;
@@ -37,9 +39,9 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
         }
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    app.tasks.spawn(serve_connection(app.clone(), stream));
+                    app.tasks.spawn(serve_connection(app.clone(), stream, peer));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -53,11 +55,29 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     log::info!("stopped accepting");
 }
 
-async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
+async fn serve_connection(app: Arc<App>, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    // A trusted balancer's PROXY header first (within the header timeout);
+    // a bad one ends this connection and nothing else.
+    let trusted = &app.config.trusted_proxies;
+    let within = app.config.handshake_timeout;
+    let conn_addr = match read_proxy_header(&mut stream, peer, trusted, within).await {
+        Ok(addr) => addr,
+        Err(e @ HeaderError::Silent(_)) => {
+            log::debug!("peer={peer}: {e}; closing the connection");
+            return;
+        }
+        Err(e) => {
+            app.metrics
+                .proxy_header_errors
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!("peer={peer}: {e}; closing the connection");
+            return;
+        }
+    };
     let svc_app = app.clone();
     let svc = service_fn(move |req| {
         let app = svc_app.clone();
-        async move { Ok::<_, Infallible>(handle(app, req).await) }
+        async move { Ok::<_, Infallible>(handle(app, req, conn_addr.ip()).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -86,15 +106,25 @@ async fn serve_connection(app: Arc<App>, stream: tokio::net::TcpStream) {
     }
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
+async fn handle(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Response<Outgoing> {
     if req.method() == Method::GET && req.uri().path().trim_end_matches('/') == "/v1/sse" {
-        return sse::open(app, req).await;
+        let ip = request_ip(&app, &req, conn_ip);
+        return sse::open(app, req, ip).await;
     }
-    answer(app, req).await.map(Outgoing::Left)
+    answer(app, req, conn_ip).await.map(Outgoing::Left)
+}
+
+/// The client's address: the connection's (a trusted balancer's PROXY
+/// header already applied), or what a trusted balancer says in
+/// `X-Forwarded-For`.
+fn request_ip(app: &App, req: &Request<Incoming>, conn_ip: IpAddr) -> IpAddr {
+    let forwarded = req.headers().get_all("x-forwarded-for");
+    let trusted = &app.config.trusted_proxies;
+    client_ip(conn_ip, forwarded.iter().map(|v| v.as_bytes()), trusted)
 }
 
 /// Every request but an event stream: a whole response.
-async fn answer(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn answer(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Response<Body> {
     let method = req.method().clone();
     let Some(route) = Route::parse(&method, req.uri().path(), app.config.demo) else {
         return fail(ErrorCode::NotFound, "no such route");
@@ -107,7 +137,10 @@ async fn answer(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             return demo::serve(req.uri().path())
                 .unwrap_or_else(|| fail(ErrorCode::NotFound, "no such file"))
         }
-        Route::WebSocket => return upgrade::upgrade(app, req),
+        Route::WebSocket => {
+            let ip = request_ip(&app, &req, conn_ip);
+            return upgrade::upgrade(app, req, ip);
+        }
         // Answered by `handle`, which streams.
         Route::EventStream => return fail(ErrorCode::NotFound, "no such route"),
         _ => {}

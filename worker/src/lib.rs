@@ -7,7 +7,8 @@
 //!
 //! Modules, one concept each:
 //! - [`config`]: the command line and environment (clap), shared with `tether`;
-//! - [`phase`]: serving / draining, read by `/ready` and every connection;
+//! - [`phase`]: serving / leaving / draining, read by `/ready` and every
+//!   connection;
 //! - [`commit`]: group commit lanes (the write path);
 //! - [`frame`]: one committed event as delivered (serialized once, shared);
 //! - [`dispatch`]: the dispatcher's rules, a pure state machine (order,
@@ -16,10 +17,13 @@
 //!   supervised LISTEN thread);
 //! - [`sequencer`]: what one connection may write (order, membership);
 //! - [`http`]: the accept loop and dispatch by [`routes`];
+//! - [`client_addr`]: the client's address behind a load balancer (trusted
+//!   peers, PROXY header, `X-Forwarded-For`), parsed by [`proxy_protocol`];
 //! - [`request`] / [`respond`]: what a request carries (token, query,
 //!   JSON) and the contract's responses (one mapping of errors);
 //! - [`members`], [`conversations`], [`probes`]: the routes' answers;
-//! - [`upgrade`]: the WebSocket upgrade (token, handshake, limits);
+//! - [`upgrade`]: the WebSocket upgrade (token, handshake) and the limits
+//!   every connection takes (per user and per address, `Admission`);
 //! - [`ws`]: one connection (backlog, synced, live, sends, acks), whatever
 //!   its transport (`wire`: a WebSocket or an event stream);
 //! - [`sse`]: Server-Sent Events (`GET /v1/sse`) and their one-time
@@ -39,6 +43,7 @@
 // only on the error path, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod client_addr;
 pub mod commit;
 pub mod config;
 pub mod control;
@@ -56,6 +61,7 @@ pub mod metrics;
 pub mod phase;
 pub mod presence;
 pub mod probes;
+pub mod proxy_protocol;
 pub mod prune;
 pub mod ratelimit;
 pub mod recent;
@@ -116,6 +122,8 @@ pub struct App {
     pub user_conns: Arc<upgrade::UserConnections>,
     /// Presence, typing and read receipts.
     pub signals: Arc<presence::Signals>,
+    /// Open WebSocket connections per client address (the per-IP cap).
+    pub ip_conns: Arc<upgrade::IpConnections>,
     pub recent: Arc<recent::RecentFrames>,
     next_conn: AtomicU64,
     /// The schema is up to date (migrations applied): `/ready` waits for it.
@@ -438,6 +446,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
         membership_rate,
         user_conns,
         signals,
+        ip_conns: Arc::new(upgrade::IpConnections::default()),
         config,
         pool,
         committer,

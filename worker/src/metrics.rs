@@ -104,6 +104,8 @@ pub struct Metrics {
     pub signal_frames: AtomicU64,
     /// Signals not published (the queue was full).
     pub signals_dropped: AtomicU64,
+    /// Connections from a trusted balancer closed for a bad PROXY header.
+    pub proxy_header_errors: AtomicU64,
     pub commit_latency: Histogram,
     pub commit_batch_size: Histogram,
     pub delivery_latency: Histogram,
@@ -144,6 +146,7 @@ impl Metrics {
             typing_dropped: AtomicU64::new(0),
             signal_frames: AtomicU64::new(0),
             signals_dropped: AtomicU64::new(0),
+            proxy_header_errors: AtomicU64::new(0),
             commit_latency: Histogram::new(LATENCY_BOUNDS),
             commit_batch_size: Histogram::new(SIZE_BOUNDS),
             delivery_latency: Histogram::new(LATENCY_BOUNDS),
@@ -157,7 +160,7 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 27] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 28] = [
             (
                 "tether_connections_open",
                 "Open connections (WebSocket and SSE).",
@@ -180,6 +183,12 @@ impl Metrics {
                 "tether_connections_refused_total",
                 "WebSocket upgrades and SSE streams refused (limits, draining).",
                 &self.connections_refused,
+                "counter",
+            ),
+            (
+                "tether_proxy_header_errors_total",
+                "Connections from a trusted balancer closed for a malformed PROXY header.",
+                &self.proxy_header_errors,
                 "counter",
             ),
             (

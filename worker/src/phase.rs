@@ -9,6 +9,10 @@ use tokio::sync::watch;
 pub enum Phase {
     /// Accepting and serving.
     Serving,
+    /// The host is about to stop (the supervisor's `unready`, during
+    /// `--drain-delay-ms`): `/ready` answers 503 so load balancers take the
+    /// host out, while the worker still accepts and serves everything.
+    Leaving,
     /// Stopped accepting; connections are being closed with 1001 and
     /// in-flight commits finished. `/ready` answers 503.
     Draining,
@@ -45,13 +49,30 @@ impl PhaseCell {
     pub fn get(&self) -> Phase {
         match self.value.load(Ordering::Acquire) {
             0 => Phase::Serving,
+            1 => Phase::Leaving,
             _ => Phase::Draining,
         }
     }
 
-    /// Moves to Draining; returns false if already draining.
+    /// Serving → Leaving (`/ready` 503, still accepting); false if the
+    /// worker is already leaving or draining.
+    pub fn start_leaving(&self) -> bool {
+        if self
+            .value
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        log::info!("unready: /ready answers 503; still accepting until the drain");
+        self.tx.send_replace(Phase::Leaving);
+        true
+    }
+
+    /// Moves to Draining (from Serving or Leaving); returns false if
+    /// already draining.
     pub fn start_draining(&self, reason: ShutdownReason) -> bool {
-        if self.value.swap(1, Ordering::AcqRel) == 1 {
+        if self.value.swap(2, Ordering::AcqRel) == 2 {
             return false;
         }
         log::info!("draining ({reason:?})");

@@ -43,7 +43,11 @@ pub fn health(app: &App) -> Response<Body> {
             "connections": app.metrics.connections_open.load(Ordering::Relaxed),
             "worker": app.config.worker_id,
             "pid": std::process::id(),
-            "phase": match app.phase.get() { Phase::Serving => "serving", Phase::Draining => "draining" },
+            "phase": match app.phase.get() {
+                Phase::Serving => "serving",
+                Phase::Leaving => "leaving",
+                Phase::Draining => "draining",
+            },
         })
         .to_string(),
     )

@@ -34,6 +34,7 @@ use hyper::body::{Frame as BodyFrame, Incoming};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -184,9 +185,10 @@ fn refused(app: &App, e: TicketError) -> Response<Outgoing> {
 
 /// Answers `GET /v1/sse`: 401 without a valid ticket (`?ticket=`, once) or
 /// token (`Authorization: Bearer`, or `?token=` for tools), then the
-/// limits every connection has (429/503, as on `/v1/ws`), then 200 and the
-/// stream, served by its own task.
-pub async fn open(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
+/// limits every connection has (per client address `ip`, per user, per
+/// worker: 429/503, as on `/v1/ws`), then 200 and the stream, served by its
+/// own task.
+pub async fn open(app: Arc<App>, req: Request<Incoming>, ip: IpAddr) -> Response<Outgoing> {
     let query = req.uri().query();
     let mut ticket = None;
     let user = match query_param(query, "ticket") {
@@ -203,7 +205,7 @@ pub async fn open(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
             Err(r) => return r.map(Outgoing::Left),
         },
     };
-    let admission = match Admission::take(&app, &user) {
+    let admission = match Admission::take(&app, &user, ip) {
         Ok(a) => a,
         Err(r) => return r.map(Outgoing::Left),
     };
@@ -223,7 +225,7 @@ pub async fn open(app: Arc<App>, req: Request<Incoming>) -> Response<Outgoing> {
     let wire = Wire::EventStream(SseSink::new(tx));
     let task_app = app.clone();
     app.tasks.spawn(async move {
-        Connection::run(task_app, wire, user).await;
+        Connection::run(task_app, wire, user, ip).await;
         drop(admission);
     });
     let mut r = Response::new(Outgoing::Right(SseBody { rx }));

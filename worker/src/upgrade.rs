@@ -1,8 +1,9 @@
 //! The WebSocket upgrade of `GET /v1/ws`: the token (header,
 //! subprotocol, or `?token=`) is checked before anything else, then the
 //! handshake, the worker's limits and the socket's buffers; the
-//! connection itself runs in [`crate::ws`]. It also owns the per-user
-//! connection count ([`UserConnections`]).
+//! connection itself runs in [`crate::ws`]. It also owns the connection
+//! counts per user ([`UserConnections`]) and per client address
+//! ([`IpConnections`]).
 
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer, query_param};
@@ -15,98 +16,143 @@ use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-/// Open WebSocket connections per user on this worker.
-#[derive(Default)]
-pub struct UserConnections {
-    open: Mutex<HashMap<Arc<str>, usize>>,
+/// Open WebSocket connections per key (a user, a client address) on this
+/// worker.
+pub struct Connections<K: Hash + Eq + Clone> {
+    open: Mutex<HashMap<K, usize>>,
 }
 
-impl UserConnections {
-    /// A slot for one more connection of `user`, unless `cap` (0 =
+/// Open WebSocket connections per user on this worker.
+pub type UserConnections = Connections<Arc<str>>;
+/// Open WebSocket connections per client address on this worker.
+pub type IpConnections = Connections<IpAddr>;
+
+impl<K: Hash + Eq + Clone> Default for Connections<K> {
+    fn default() -> Self {
+        Connections {
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Connections<K> {
+    /// A slot for one more connection of `key`, unless `cap` (0 =
     /// unlimited) are open; the slot is given back when dropped.
-    pub fn acquire(self: &Arc<Self>, user: &Arc<str>, cap: usize) -> Option<UserSlot> {
+    pub fn acquire(self: &Arc<Self>, key: &K, cap: usize) -> Option<Slot<K>> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(user.clone()).or_insert(0);
+        let n = open.entry(key.clone()).or_insert(0);
         if cap > 0 && *n >= cap {
             return None;
         }
         *n += 1;
-        Some(UserSlot {
+        Some(Slot {
             owner: self.clone(),
-            user: user.clone(),
+            key: key.clone(),
         })
     }
 
-    /// Every user with a connection open here.
-    pub fn users(&self) -> Vec<Arc<str>> {
+    /// Every key with a connection open here (presence: the users).
+    pub fn keys(&self) -> Vec<K> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.keys().cloned().collect()
     }
 
-    /// Open connections of `user`.
-    pub fn count(&self, user: &str) -> usize {
+    /// Open connections of `key`.
+    pub fn count<Q>(&self, key: &Q) -> usize
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(user).copied().unwrap_or(0)
+        open.get(key).copied().unwrap_or(0)
     }
 }
 
-/// One open connection of a user; dropping it gives the slot back.
-pub struct UserSlot {
-    owner: Arc<UserConnections>,
-    user: Arc<str>,
+/// One open connection; dropping it gives the slot back.
+pub struct Slot<K: Hash + Eq + Clone> {
+    owner: Arc<Connections<K>>,
+    key: K,
 }
 
-impl Drop for UserSlot {
+impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.user) {
+        if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.user);
+                open.remove(&self.key);
             }
         }
     }
 }
 
-/// A connection's places in the worker's limits (per user, per worker),
-/// taken before it runs and given back when dropped. WebSockets and event
-/// streams count alike.
+/// A connection's places in the worker's limits (per client address, per
+/// user, per worker), taken before it runs and given back when dropped.
+/// WebSockets and event streams count alike.
 pub struct Admission {
     app: Arc<App>,
-    _user_slot: UserSlot,
+    _ip_slot: Option<Slot<IpAddr>>,
+    _user_slot: Slot<Arc<str>>,
 }
 
 impl Admission {
-    /// 503 `draining` when the worker drains, 429 `too_many_connections`
-    /// when the user has `--max-connections-per-user` open here, 503
-    /// `too_many_connections` when the worker is full.
-    pub fn take(app: &Arc<App>, user: &Arc<str>) -> Result<Admission, Response<Body>> {
-        if app.phase.get() == Phase::Draining {
+    /// 503 `draining` when the worker drains; 429 `too_many_connections`
+    /// when the client address `ip` (see [`crate::client_addr`]) has
+    /// `--max-connections-per-ip` open here, or the user
+    /// `--max-connections-per-user`; 503 `too_many_connections` when the
+    /// worker is full.
+    pub fn take(app: &Arc<App>, user: &Arc<str>, ip: IpAddr) -> Result<Admission, Response<Body>> {
+        let refused = || {
             app.metrics
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
+        };
+        if app.phase.get() == Phase::Draining {
+            refused();
             return Err(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "draining",
                 "this worker is draining; reconnect",
             ));
         }
-        // The user's slot first: one user cannot take every connection.
+        // The address's slot, unless it is one of our own balancers (their
+        // own connections, health checks and all, are not a client's).
+        let ip_slot = if app.config.trusted_proxies.contains(ip) {
+            None
+        } else {
+            match app.ip_conns.acquire(&ip, app.config.max_connections_per_ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    refused();
+                    log::info!(
+                        "ip={ip} user={user}: refused, {} connections from this address open on this worker",
+                        app.config.max_connections_per_ip
+                    );
+                    return Err(retry_response(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_connections",
+                        "too many connections from this address on this worker",
+                        1,
+                    ));
+                }
+            }
+        };
+        // The user's slot: one user cannot take every connection.
         let Some(user_slot) = app
             .user_conns
             .acquire(user, app.config.max_connections_per_user)
         else {
-            app.metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+            refused();
             log::info!(
-                "user={user}: refused, {} connections open on this worker",
+                "ip={ip} user={user}: refused, {} connections open on this worker",
                 app.config.max_connections_per_user
             );
             return Err(retry_response(
@@ -120,13 +166,12 @@ impl Admission {
         let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
         let admission = Admission {
             app: app.clone(),
+            _ip_slot: ip_slot,
             _user_slot: user_slot,
         };
         if open as usize >= app.config.max_connections {
             drop(admission);
-            app.metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+            refused();
             let mut r = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",
@@ -147,17 +192,21 @@ impl Drop for Admission {
 }
 
 /// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
-/// 429 when the user has too many connections here, 503 when draining or
-/// full, 400 for a request that is not a WebSocket
+/// 429 when the user or the client address (`ip`, see
+/// [`crate::client_addr`]) has too many connections here, 503 when
+/// draining or full, 400 for a request that is not a WebSocket
 /// handshake; otherwise 101 and the connection runs in its own task.
-pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+pub fn upgrade(app: Arc<App>, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
     let offered = Subprotocols::offered(&req);
     let token = bearer(&req)
         .or_else(|| offered.token.clone())
         .or_else(|| query_param(req.uri().query(), "token"));
     let user = match authenticate(&app, token) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => {
+            log::debug!("ip={ip}: WebSocket upgrade refused: {}", r.status());
+            return r;
+        }
     };
     let headers = req.headers();
     let is_upgrade = headers
@@ -184,7 +233,7 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             "not a WebSocket handshake (version 13)",
         );
     }
-    let admission = match Admission::take(&app, &user) {
+    let admission = match Admission::take(&app, &user, ip) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -207,9 +256,9 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                     Some(config),
                 )
                 .await;
-                Connection::run(app.clone(), Wire::WebSocket(socket), user).await;
+                Connection::run(app.clone(), Wire::WebSocket(socket), user, ip).await;
             }
-            Err(e) => log::debug!("user={user}: upgrade failed: {e}"),
+            Err(e) => log::debug!("ip={ip} user={user}: upgrade failed: {e}"),
         }
         drop(admission);
     };
@@ -284,5 +333,11 @@ mod tests {
         let many: Vec<_> = (0..100).map(|_| conns.acquire(&b, 0).unwrap()).collect();
         drop(many);
         assert_eq!(conns.count("b"), 0);
+        let ips = Arc::new(IpConnections::default());
+        let ip: IpAddr = "203.0.113.1".parse().unwrap();
+        let one = ips.acquire(&ip, 1).unwrap();
+        assert!(ips.acquire(&ip, 1).is_none());
+        drop(one);
+        assert_eq!(ips.count(&ip), 0);
     }
 }

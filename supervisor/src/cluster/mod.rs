@@ -13,9 +13,11 @@
 //!   once), is counted and replaced;
 //! - **hang**: no `ready` within the ready timeout, or no `hb` within the
 //!   heartbeat timeout: SIGKILL, counted as a death;
-//! - **drain**: SIGTERM/SIGINT: SIGTERM to every worker, SIGKILL to those
-//!   still there after drain + 2 s, a second stop signal SIGKILLs all;
-//!   done when no worker is left;
+//! - **drain**: SIGTERM/SIGINT: with a drain delay, first `unready` to
+//!   every worker (`/ready` 503 while they keep serving, so load balancers
+//!   take the host out) and the SIGTERMs only after the delay; then
+//!   SIGKILL to those still there after drain + 2 s; a second stop signal
+//!   SIGKILLs all at once; done when no worker is left;
 //! - **roll**: SIGHUP: for each old worker, start its replacement, wait
 //!   until it is ready, then SIGTERM the old one and wait for its exit; a
 //!   replacement that dies before it is ready aborts the roll (the old
@@ -42,6 +44,8 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// SIGKILL this long after SIGTERM (drain + 2 s).
     pub kill_after: Duration,
+    /// On a stop signal: `/ready` 503 this long before the SIGTERMs.
+    pub drain_delay: Duration,
     pub backoff: Backoff,
     pub intensity: Intensity,
     /// systemd's watchdog interval, when it asks for one.
@@ -110,6 +114,8 @@ pub enum Action {
     Signal { n: u64, pid: i32, signal: Kill },
     /// Send worker `n` the cluster's status line.
     SendStatus { n: u64, status: ClusterStatus },
+    /// Tell worker `n` to answer `/ready` with 503 (and keep serving).
+    Unready { n: u64 },
     /// Tell systemd (sd_notify fields).
     Notify(Vec<(&'static str, String)>),
 }
@@ -177,6 +183,9 @@ enum Phase {
         since: Instant,
         reason: StopReason,
         forced: bool,
+        /// During the drain delay: when the SIGTERMs go out. `None` once
+        /// they have.
+        term_at: Option<Instant>,
     },
 }
 
@@ -388,7 +397,11 @@ impl Cluster {
         });
         let scheduled = self.scheduled.iter().map(|s| s.due);
         let watchdog = self.s.watchdog.map(|every| self.watchdog_last + every);
-        workers.chain(scheduled).chain(watchdog).min()
+        let drain = match self.phase {
+            Phase::Stopping { term_at, .. } => term_at,
+            _ => None,
+        };
+        workers.chain(scheduled).chain(watchdog).chain(drain).min()
     }
 
     /// Unasked deaths so far, by cause.
@@ -460,57 +473,6 @@ impl Cluster {
         }
     }
 
-    fn on_stop(&mut self, now: Instant, name: &'static str) {
-        if let Phase::Stopping { forced, .. } = &mut self.phase {
-            if !*forced {
-                *forced = true;
-                log::warn!(
-                    "sup: second stop signal ({name}): killing {} workers now",
-                    self.workers.len()
-                );
-                for w in &mut self.workers {
-                    Self::send_signal(&mut self.actions, w, Kill::Kill);
-                    w.killed = Some(KillReason::Forced);
-                }
-            }
-            return;
-        }
-        self.begin_stop(now, StopReason::Signal(name));
-    }
-
-    /// SIGTERM every worker and enter [`Phase::Stopping`].
-    fn begin_stop(&mut self, now: Instant, reason: StopReason) {
-        self.notify(vec![
-            ("STOPPING", "1".into()),
-            ("STATUS", "draining workers".into()),
-        ]);
-        self.scheduled.clear();
-        self.reload_pending = false;
-        // Spawns asked for and not performed yet: not any more.
-        self.actions.retain(|a| !matches!(a, Action::Spawn { .. }));
-        let mut n = 0;
-        for w in &mut self.workers {
-            if w.active() {
-                Self::send_signal(&mut self.actions, w, Kill::Term);
-                w.term_at = Some(now);
-                n += 1;
-            }
-        }
-        let why = match reason {
-            StopReason::Signal(name) => name,
-            StopReason::GaveUp => "giving up",
-        };
-        log::info!(
-            "sup: {why}: draining {n} workers (SIGKILL after {}ms)",
-            ms(self.s.kill_after)
-        );
-        self.phase = Phase::Stopping {
-            since: now,
-            reason,
-            forced: false,
-        };
-    }
-
     // ---- control lines ---------------------------------------------------
 
     fn on_control(&mut self, now: Instant, n: u64, message: WorkerMessage) {
@@ -551,7 +513,9 @@ impl Cluster {
         };
         log::debug!("sup: w{} pid={} closed its control socket", w.n, w.pid);
         w.connected = false;
-        if !w.active() || w.draining {
+        // While stopping (the drain delay included) an exit is expected:
+        // nothing is replaced.
+        if !w.active() || w.draining || matches!(self.phase, Phase::Stopping { .. }) {
             return;
         }
         Self::send_signal(&mut self.actions, w, Kill::Kill);
@@ -590,7 +554,7 @@ impl Cluster {
                 }
             }
             Phase::Reloading(_) => self.advance_roll(now),
-            Phase::Stopping { .. } => {}
+            Phase::Stopping { .. } => self.advance_stop(now),
         }
     }
 
@@ -628,6 +592,7 @@ impl Cluster {
 mod deaths;
 mod roll;
 mod spawns;
+mod stop;
 
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ fn settings(workers: u32) -> Settings {
         ready_timeout: 1000 * MS,
         heartbeat_timeout: 3000 * MS,
         kill_after: 2000 * MS,
+        drain_delay: Duration::ZERO,
         backoff: Backoff::new(100 * MS, 1600 * MS, Duration::from_secs(10)),
         intensity: Intensity::new(3, Duration::from_secs(60)),
         watchdog: None,
@@ -269,6 +270,92 @@ fn stop_drains_then_kills_what_is_left_after_the_drain_time() {
     assert_eq!(signals(&w.tick()), vec![(2, Kill::Kill)]);
     w.exit(2);
     assert_eq!(w.rules.outcome(), Some(Outcome::Stopped));
+}
+
+fn unready(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unready { n } => Some(*n),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two workers, both ready, with a drain delay of 1 s.
+fn running_with_delay() -> World {
+    let mut w = World::new(2);
+    w.rules.s.drain_delay = 1000 * MS;
+    w.tick();
+    w.ready(1);
+    w.ready(2);
+    w
+}
+
+#[test]
+fn with_a_drain_delay_workers_turn_unready_first_and_get_sigterm_after_it() {
+    let mut w = running_with_delay();
+    w.at(100);
+    let a = w.feed(Input::Signal(Signal::Stop("SIGTERM")));
+    assert_eq!(unready(&a), vec![1, 2]);
+    assert!(signals(&a).is_empty(), "no SIGTERM during the delay");
+    assert!(notified(&a, "STOPPING"));
+    assert_eq!(w.rules.next_deadline(), Some(w.t0 + 1100 * MS));
+    // Heartbeats keep the workers alive; nothing else happens.
+    w.at(1099);
+    assert!(signals(&w.tick()).is_empty());
+    // A worker that dies during the delay is not replaced.
+    w.feed(Input::ControlClosed { n: 2 });
+    let a = w.exit(2);
+    assert!(spawns(&a).is_empty() && signals(&a).is_empty());
+    w.at(1100);
+    assert_eq!(signals(&w.tick()), vec![(1, Kill::Term)]);
+    // The kill timer counts from the SIGTERM.
+    w.at(3099);
+    assert!(signals(&w.tick()).is_empty());
+    w.at(3100);
+    assert_eq!(signals(&w.tick()), vec![(1, Kill::Kill)]);
+    w.exit(1);
+    assert_eq!(w.rules.outcome(), Some(Outcome::Stopped));
+}
+
+#[test]
+fn a_second_stop_during_the_drain_delay_kills_at_once() {
+    let mut w = running_with_delay();
+    w.feed(Input::Signal(Signal::Stop("SIGINT")));
+    let a = w.feed(Input::Signal(Signal::Stop("SIGINT")));
+    assert_eq!(signals(&a), vec![(1, Kill::Kill), (2, Kill::Kill)]);
+    // Nothing is left to wait for: no SIGTERMs later, no deadline.
+    assert_eq!(w.rules.next_deadline(), None);
+    w.at(2000);
+    assert!(signals(&w.tick()).is_empty());
+    w.exit(1);
+    w.exit(2);
+    assert_eq!(w.rules.outcome(), Some(Outcome::Forced));
+}
+
+#[test]
+fn workers_that_drain_by_themselves_during_the_delay_end_the_stop() {
+    // Ctrl-C in a terminal reaches the workers too: they drain at once.
+    let mut w = running_with_delay();
+    w.feed(Input::Signal(Signal::Stop("SIGINT")));
+    w.at(50);
+    w.exit(1);
+    w.exit(2);
+    assert_eq!(w.rules.outcome(), Some(Outcome::Stopped));
+}
+
+#[test]
+fn a_roll_has_no_drain_delay() {
+    // The socket stays open and the replacement already accepts: the old
+    // worker stops accepting at once, and the host never looks unready.
+    let mut w = running_with_delay();
+    w.feed(Input::Signal(Signal::Reload));
+    let a = w.tick();
+    assert_eq!(spawns(&a), vec![3]);
+    let a = w.ready(3);
+    assert_eq!(signals(&a), vec![(1, Kill::Term)]);
+    assert!(unready(&a).is_empty());
 }
 
 #[test]

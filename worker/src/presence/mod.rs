@@ -272,7 +272,7 @@ fn run_leases(
         if tx.is_closed() {
             return;
         }
-        let now: HashSet<Arc<str>> = users.users().into_iter().collect();
+        let now: HashSet<Arc<str>> = users.keys().into_iter().collect();
         let mut client = match pool.get() {
             Ok(c) => c,
             Err(_) => continue,

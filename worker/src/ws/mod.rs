@@ -28,6 +28,7 @@ use crate::wire::{Close as End, Gone, Out, Wire};
 use crate::App;
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,9 +97,9 @@ where
 }
 
 impl Connection {
-    /// Serves one client on `wire` until it goes, is cut, or the worker
-    /// drains.
-    pub(crate) async fn run(app: Arc<App>, wire: Wire, user: Arc<str>) {
+    /// Serves one client of `user` from client address `ip` (for the logs)
+    /// on `wire` until it goes, is cut, or the worker drains.
+    pub(crate) async fn run(app: Arc<App>, wire: Wire, user: Arc<str>, ip: IpAddr) {
         let id = app.next_conn_id();
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
@@ -110,7 +111,7 @@ impl Connection {
         app.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        log::debug!("user={user} conn={id}: connected");
+        log::debug!("user={user} conn={id} ip={ip}: connected");
         let mut conn = Connection {
             app: app.clone(),
             id,
@@ -132,7 +133,7 @@ impl Connection {
         Box::pin(conn.wire.close(end)).await;
         app.dispatcher.deregister(id).await;
         app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-        log::debug!("user={user} conn={id}: closed");
+        log::debug!("user={user} conn={id} ip={ip}: closed");
     }
 
     async fn write(&mut self, out: Out<'_>) -> Result<(), Gone> {
