@@ -52,6 +52,45 @@ export interface SyncedInfo {
  * events were pruned by its retention while this user was behind. Events
  * continue from there, gap-free.
  */
+/**
+ * Another member's presence: a change, or (right after `synced`) the
+ * current state. Pushed in conversations of at most the server's
+ * `--presence-push-max-members`; offline only after its grace period.
+ */
+export interface PresenceInfo {
+  conversation_id: number;
+  conversationId: number;
+  user: string;
+  status: 'online' | 'offline';
+  online: boolean;
+  /** RFC 3339; null for a user never seen. */
+  last_seen: string | null;
+  lastSeen: string | null;
+}
+
+/** Another member is typing: show it for 5 s unless renewed. */
+export interface TypingInfo {
+  conversation_id: number;
+  conversationId: number;
+  user: string;
+}
+
+/** Another member has read up to `seq`. */
+export interface ReadInfo {
+  conversation_id: number;
+  conversationId: number;
+  user: string;
+  seq: number;
+}
+
+export interface MemberPresence {
+  user: string;
+  status: 'online' | 'offline';
+  last_seen: string | null;
+  /** The highest seq this member has read (their cursor). */
+  read_seq: number;
+}
+
 export interface TruncatedInfo {
   conversation_id: number;
   from_seq: number;
@@ -181,6 +220,9 @@ export interface TetherEventMap {
   event: TetherEvent;
   synced: SyncedInfo;
   truncated: TruncatedInfo;
+  presence: PresenceInfo;
+  typing: TypingInfo;
+  read: ReadInfo;
   state: StateChange;
   error: TetherError;
   /** The client fell back to another transport. */
@@ -277,6 +319,10 @@ export class TetherClient {
     user: string,
   ): Promise<{ removed: boolean; seq?: number; new_owner?: string | null }>;
   listConversations(options?: { after?: string | number; limit?: number }): Promise<ConversationsPage>;
+  /** Tells the other members this user is typing (at most once every 2 s forwarded); false when not connected. */
+  typing(conversationId: number | string): boolean;
+  /** GET /v1/conversations/{id}/presence. */
+  presence(conversationId: number | string): Promise<{ members: MemberPresence[] }>;
   eventsPage(
     conversationId: number,
     options?: { beforeSeq?: number; afterSeq?: number; limit?: number },

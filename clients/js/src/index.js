@@ -722,6 +722,35 @@ export class TetherClient {
         this._emit('truncated', { conversation_id: c, from_seq: from, conversationId: c, fromSeq: from });
         break;
       }
+      case 'presence':
+        // Another member's presence (a change, or the state right after synced).
+        if (Number.isInteger(f.conversation_id) && typeof f.user === 'string') {
+          this._emit('presence', {
+            conversation_id: f.conversation_id,
+            conversationId: f.conversation_id,
+            user: f.user,
+            status: f.status === 'online' ? 'online' : 'offline',
+            online: f.status === 'online',
+            last_seen: f.last_seen ?? null,
+            lastSeen: f.last_seen ?? null,
+          });
+        }
+        break;
+      case 'typing':
+        if (Number.isInteger(f.conversation_id) && typeof f.user === 'string') {
+          this._emit('typing', { conversation_id: f.conversation_id, conversationId: f.conversation_id, user: f.user });
+        }
+        break;
+      case 'read':
+        if (Number.isInteger(f.conversation_id) && typeof f.user === 'string' && Number.isInteger(f.seq)) {
+          this._emit('read', {
+            conversation_id: f.conversation_id,
+            conversationId: f.conversation_id,
+            user: f.user,
+            seq: f.seq,
+          });
+        }
+        break;
       case 'sent':
         this._onSent(f);
         break;
@@ -1160,6 +1189,21 @@ export class TetherClient {
       'DELETE',
       `/v1/conversations/${encodeURIComponent(conversationId)}/members/${encodeURIComponent(user)}`,
     );
+  }
+
+  /**
+   * Tells the other members this user is typing in `conversationId` (the
+   * server forwards it at most once every 2 s; members only). False when
+   * not connected (typing is ephemeral: nothing is queued).
+   */
+  typing(conversationId) {
+    if (!this._synced || !this._ws) return false;
+    return this._send(this._ws, { type: 'typing', conversation_id: Number(conversationId) });
+  }
+
+  /** GET /v1/conversations/{id}/presence: `{members: [{user, status, last_seen, read_seq}]}`. */
+  presence(conversationId) {
+    return this._http('GET', `/v1/conversations/${encodeURIComponent(conversationId)}/presence`);
   }
 
   /** GET /v1/conversations: `{conversations: [{id, title, last_seq, cursor, unread}], next}`. */

@@ -32,3 +32,23 @@ const now: 'websocket' | 'sse' = fallback.transport;
 console.log(now);
 // @ts-expect-error: no such transport
 new TetherClient({ url: 'x', token: 't', transports: ['long-polling'] });
+
+// Presence, typing, read receipts (issue 13).
+{
+  const c = new TetherClient({ url: 'http://localhost:8080', token: 't' });
+  c.on('presence', (p) => {
+    const online: boolean = p.online;
+    const status: 'online' | 'offline' = p.status;
+    const seen: string | null = p.lastSeen;
+    void [online, status, seen, p.conversationId, p.user];
+  });
+  c.on('typing', (t) => void [t.conversationId, t.user]);
+  c.on('read', (r) => {
+    const seq: number = r.seq;
+    void seq;
+  });
+  c.on('truncated', (t) => void [t.conversationId, t.fromSeq]);
+  const sent: boolean = c.typing(1);
+  void sent;
+  void c.presence(1).then((p) => p.members.map((m) => [m.user, m.status, m.last_seen, m.read_seq]));
+}

@@ -122,6 +122,42 @@ test('two clients exchange messages', { timeout: 120000 }, async () => {
   assert.deepEqual(bob.rec.errors, []);
 });
 
+test('presence, typing and read receipts reach the other member', { timeout: 120000 }, async () => {
+  const alice = makeClient('dana');
+  const bob = makeClient('eve');
+  const seen = { presence: [], typing: [], read: [] };
+  for (const kind of Object.keys(seen)) alice.on(kind, (x) => seen[kind].push(x));
+  alice.connect();
+  await alice.whenSynced();
+  const { id } = await alice.createConversation({ members: ['eve'], title: 'presence' });
+  bob.connect();
+  await bob.whenSynced();
+  await waitFor(() => seen.presence.some((p) => p.conversationId === id && p.user === 'eve' && p.online), {
+    what: "eve's presence at dana",
+  });
+  const bobTyping = [];
+  bob.on('typing', (t) => bobTyping.push(t));
+  assert.equal(alice.typing(id), true);
+  await waitFor(() => bobTyping.some((t) => t.conversationId === id && t.user === 'dana'), { what: 'typing at eve' });
+  const sent = await alice.send(id, 'read me');
+  // eve's SDK acks what it consumed: dana gets the receipt.
+  await waitFor(() => seen.read.some((r) => r.conversationId === id && r.user === 'eve' && r.seq >= sent.seq), {
+    what: "eve's read receipt at dana",
+  });
+  const { members } = await alice.presence(id);
+  assert.deepEqual(
+    members.map((m) => [m.user, m.status]),
+    [
+      ['dana', 'online'],
+      ['eve', 'online'],
+    ],
+  );
+  assert.ok(members.find((m) => m.user === 'eve').read_seq >= sent.seq);
+  await assert.rejects(makeClient('mallory').presence(id), (e) => e.status === 404);
+  assert.deepEqual(alice.rec.errors, []);
+  assert.deepEqual(bob.rec.errors, []);
+});
+
 test('a worker SIGKILLed while 200 messages are sent: every send resolves, 200 events, each received once in order', { timeout: 120000 }, async (t) => {
   const sender = makeClient('sam');
   const receiver = makeClient('rita');
