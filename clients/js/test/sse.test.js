@@ -4,7 +4,7 @@
 // (tests/browser/) covers EventSource and its one-time tickets.
 //
 // - transports: ['sse']: two clients chat; acks move the server's cursor
-//   over POST .../cursor; a worker SIGKILLed under the SSE client while 120
+//   over POST .../cursor (and are read receipts); typing over POST; a worker SIGKILLed under the SSE client while 120
 //   messages are sent: every send resolves, each event once, in order;
 // - transports: ['websocket', 'sse']: a WebSocket refused by a proxy (an
 //   HTTP status) falls back at once; one that just fails, after
@@ -97,6 +97,13 @@ test('over SSE: chat, acks move the cursor, a worker SIGKILLed under the stream 
     },
     { what: "rita's cursor to reach the message" },
   );
+  // Typing goes over POST .../typing, and an ack over POST .../cursor is a
+  // read receipt: both reach the other member's stream.
+  const typed = new Promise((done) => rita.on('typing', (t) => t.user === 'sam' && done(t)));
+  const read = new Promise((done) => sam.on('read', (r) => r.user === 'rita' && r.seq >= first.seq && done(r)));
+  assert.equal(sam.typing(id), true);
+  assert.equal((await typed).conversationId, id);
+  assert.equal((await read).conversationId, id);
   // The same client_msg_id again: the first event, not a second one.
   const again = await sam.send(id, 'hello over SSE', { clientMsgId: first.client_msg_id });
   assert.deepEqual([again.seq, again.duplicate], [first.seq, true]);
