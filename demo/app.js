@@ -64,7 +64,11 @@ function start(tok) {
   $('#me').textContent = me ? `signed in as ${me}` : '';
   $('#me').dataset.user = me || '';
 
-  client = new TetherClient({ url: location.origin, token: tok });
+  // WebSocket first, Server-Sent Events where it does not get through (a
+  // proxy); `?transport=sse` uses SSE only.
+  const only = new URLSearchParams(location.search).get('transport');
+  const transports = only === 'sse' || only === 'websocket' ? [only] : ['websocket', 'sse'];
+  client = new TetherClient({ url: location.origin, token: tok, transports });
   // For poking around in the console.
   window.tether = { client, convs };
 
@@ -135,8 +139,10 @@ function showState(s) {
   }
   if (s.worker !== undefined || s.state === 'reconnecting' || s.state === 'closed') {
     const w = s.state === 'open' || s.state === 'synced' ? s.worker || '' : '';
-    $('#worker').textContent = w ? `worker ${w}` : '';
+    const t = w ? client.transport : '';
+    $('#worker').textContent = w ? `worker ${w}${t === 'sse' ? ' · SSE' : ''}` : '';
     $('#worker').dataset.worker = w;
+    $('#worker').dataset.transport = t;
   }
 }
 

@@ -46,7 +46,8 @@ fn test_db_counts_stops_and_starts() {
             "members",
             "presence",
             "presence_leases",
-            "schema_migrations"
+            "schema_migrations",
+            "sse_tickets_used"
         ]
     );
 }

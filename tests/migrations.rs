@@ -88,7 +88,8 @@ async fn a_first_release_database_is_upgraded_in_place() {
             (1, "initial".to_string()),
             (2, "roles_and_history".to_string()),
             (3, "retention".to_string()),
-            (4, "presence".to_string())
+            (4, "presence".to_string()),
+            (5, "sse_tickets".to_string())
         ]
     );
     // History replays.
@@ -209,7 +210,7 @@ fn migrations_build_exactly_the_documented_schema() {
     let applied = with(&migrated, |c| {
         tether_worker::store::migrate::migrate(c).unwrap()
     });
-    assert_eq!(applied, [1, 2, 3, 4]);
+    assert_eq!(applied, [1, 2, 3, 4, 5]);
     assert_eq!(catalog(&documented), catalog(&migrated));
 }
 
@@ -230,7 +231,7 @@ fn hosts_migrating_at_once_apply_each_migration_once() {
     applied.sort();
     assert_eq!(
         applied,
-        [1, 2, 3, 4],
+        [1, 2, 3, 4, 5],
         "each migration applied by exactly one host"
     );
 }
@@ -249,13 +250,13 @@ fn tether_migrate_applies_and_exits() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("applied [1, 2, 3, 4]"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied [1, 2, 3, 4, 5]"));
     let again = Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["migrate", "--database-url", &url])
         .output()
         .expect("tether migrate");
     assert!(again.status.success());
-    assert!(String::from_utf8_lossy(&again.stdout).contains("up to date (version 4)"));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("up to date (version 5)"));
 }
 
 #[test]

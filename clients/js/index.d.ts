@@ -37,6 +37,8 @@ export interface StateChange {
   user?: string;
   /** open / synced: the worker serving the connection. */
   worker?: string;
+  /** open: the transport of the connection. */
+  transport?: Transport;
   /** closed after giving up (e.g. `unauthorized`). */
   error?: TetherError;
 }
@@ -121,6 +123,15 @@ export interface SendOptions {
   signal?: AbortSignal;
 }
 
+/** How the client reaches the gateway: a WebSocket, or Server-Sent Events with sends and acks over HTTP. */
+export type Transport = 'websocket' | 'sse';
+
+export interface TransportChange {
+  transport: Transport;
+  /** Why: the WebSocket was refused with an HTTP status, or failed `sseAfterFailures` times. */
+  reason: string;
+}
+
 export interface TetherClientOptions {
   /** The gateway: "https://chat.example.com" (or ws(s)://; a trailing /v1/ws is fine). Default in browsers: location.origin. */
   url?: string;
@@ -130,8 +141,14 @@ export interface TetherClientOptions {
   getToken?: () => string | Promise<string>;
   /** The WebSocket constructor (default globalThis.WebSocket; in Node 20 pass `WebSocket` from the "ws" package). */
   WebSocket?: any;
-  /** fetch() for the REST helpers (default globalThis.fetch). */
+  /** fetch() for the REST helpers and SSE (default globalThis.fetch). */
   fetch?: typeof fetch;
+  /** Transports in order of preference. Default ['websocket']; ['websocket', 'sse'] falls back to SSE when WebSocket does not get through; ['sse'] uses SSE only. */
+  transports?: Transport[];
+  /** WebSocket connects that failed in a row (never opened) before falling back to SSE. Default 3. */
+  sseAfterFailures?: number;
+  /** The EventSource constructor for SSE (default globalThis.EventSource; without one, a fetch stream with the token in a header). */
+  EventSource?: any;
   /** First reconnect window in ms (full jitter: the delay is uniform in [floor, min(cap, base * 2^attempt)]). Default 100. */
   backoffBaseMs?: number;
   /** Largest reconnect window in ms. Default 5000. */
@@ -208,6 +225,8 @@ export interface TetherEventMap {
   read: ReadInfo;
   state: StateChange;
   error: TetherError;
+  /** The client fell back to another transport. */
+  transport: TransportChange;
 }
 
 export interface ConversationSummary {
@@ -246,6 +265,8 @@ export class TetherClient {
   readonly state: ConnectionState;
   /** True between `synced` and the end of the connection. */
   readonly synced: boolean;
+  /** The transport in use. */
+  readonly transport: Transport;
   /** Sends waiting for the server's answer. */
   readonly pending: number;
   readonly wsUrl: string;

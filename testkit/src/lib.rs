@@ -4,7 +4,7 @@
 //! [`ClusterProc`]), HTTP requests through the project's one HTTP client,
 //! `tether_client::Rest` ([`http`]; [`send_request`] alone writes raw
 //! bytes, for the hostile-input tests), a WebSocket client
-//! ([`WsClient`]), tokens ([`token`]) and condition waits ([`wait_until`]).
+//! ([`WsClient`]), an event-stream client ([`SseClient`]), tokens ([`token`]) and condition waits ([`wait_until`]).
 //!
 //! Each test file says `use tether_testkit::*;` and uses part of it. The
 //! binaries are the ones cargo built for the test run ([`bin`]).
@@ -112,6 +112,7 @@ pub fn init_logging() {}
 mod db;
 mod http;
 mod procs;
+mod sse;
 mod ws;
 
 // Each test file uses part of the harness.
@@ -121,6 +122,8 @@ pub use db::*;
 pub use http::*;
 #[allow(unused_imports)]
 pub use procs::*;
+#[allow(unused_imports)]
+pub use sse::*;
 #[allow(unused_imports)]
 pub use ws::*;
 

@@ -20,6 +20,13 @@
 //      bob's also at $TETHER_DEMO_SCREENSHOT when set (docs/demo.png in the
 //      README is made that way).
 //
+// Then the same again with WebSocket made to fail in both pages (as behind a
+// proxy that refuses it: the constructor's socket errors and closes, 1006):
+// alice's page is opened with `?transport=sse`, bob's falls back to SSE by
+// itself after its failed WebSocket attempts; both chat over Server-Sent
+// Events (EventSource with one-time tickets; sends and acks over HTTP)
+// through the SIGKILL of bob's worker (screenshots sse-{bob,alice}.png).
+//
 // Environment: TETHER_BIN, TETHER_WORKER_BIN (default target/debug/...),
 // CHROMIUM (default /usr/bin/chromium), TETHER_DEMO_SCREENSHOT,
 // TETHER_TEST_KEEP=1 keeps the temporary directories (logs).
@@ -395,8 +402,13 @@ async function startChromium() {
 // ---------------------------------------------------------------------------
 // The page.
 
-/** Opens the demo as `user`; records its state changes, toasts and console errors. */
-async function openDemo(context, base, user) {
+/**
+ * Opens the demo as `user`; records its state changes, toasts and console
+ * errors. `sse`: WebSocket fails in the page (every connect errors and
+ * closes with 1006, as behind a proxy that refuses it), and `query` (e.g.
+ * `?transport=sse`) is the page's.
+ */
+async function openDemo(context, base, user, { sse = false, query = '' } = {}) {
   const page = await context.newPage();
   page.user = user;
   page.console = [];
@@ -427,7 +439,27 @@ async function openDemo(context, base, user) {
       }).observe(toast, { attributes: true, childList: true, characterData: true, subtree: true });
     });
   });
-  await page.goto(`${base}/demo/#token=${mintToken(user)}`);
+  if (sse) {
+    await page.addInitScript(() => {
+      window.__wsAttempts = 0;
+      window.WebSocket = class {
+        constructor() {
+          window.__wsAttempts++;
+          this.readyState = 0;
+          setTimeout(() => {
+            this.readyState = 3;
+            if (this.onerror) this.onerror(new Event('error'));
+            if (this.onclose) this.onclose({ code: 1006, reason: '' });
+          }, 20);
+        }
+        send() {
+          throw new Error('WebSocket is blocked here');
+        }
+        close() {}
+      };
+    });
+  }
+  await page.goto(`${base}/demo/${query}#token=${mintToken(user)}`);
   await waitSynced(page);
   return page;
 }
@@ -475,17 +507,34 @@ after(async () => {
 });
 
 test('the demo page in Chromium: two users chat, the worker serving one is SIGKILLed, nothing is lost or repeated', { timeout: 240000 }, async () => {
+  await chatThroughKill({ sse: false });
+});
+
+test('with WebSocket failing, the demo page chats over SSE through the SIGKILL of a worker, nothing lost or repeated', { timeout: 240000 }, async () => {
+  await chatThroughKill({ sse: true });
+});
+
+/** The scenario above; `sse`: WebSocket fails in both pages. */
+async function chatThroughKill({ sse }) {
   assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) or set CHROMIUM`);
   const t0 = Date.now();
   const pg = await startPg();
   const tether = await startTether(pg);
-  log(`PostgreSQL and tether (2 workers) up on :${tether.port} in ${Date.now() - t0} ms`);
-  context = await startChromium();
+  log(`PostgreSQL and tether (2 workers) up on :${tether.port} in ${Date.now() - t0} ms${sse ? '; WebSocket blocked in the pages' : ''}`);
+  context ??= await startChromium();
+  const shot = (name) => path.join(ARTIFACTS, `${sse ? 'sse-' : ''}${name}.png`);
 
   try {
-    const alice = await openDemo(context, tether.base, 'alice');
-    const bob = await openDemo(context, tether.base, 'bob');
+    // Over SSE: alice's page asks for it; bob's falls back by itself.
+    const alice = await openDemo(context, tether.base, 'alice', { sse, query: sse ? '?transport=sse' : '' });
+    const bob = await openDemo(context, tether.base, 'bob', { sse });
     pages = [alice, bob];
+    const transport = sse ? 'sse' : 'websocket';
+    for (const p of pages) assert.equal(await p.locator('#worker').getAttribute('data-transport'), transport, p.user);
+    if (sse) {
+      assert.equal(await alice.evaluate(() => window.__wsAttempts), 0, "alice's page never tries WebSocket");
+      assert.ok((await bob.evaluate(() => window.__wsAttempts)) >= 3, "bob's page fell back after failed WebSockets");
+    }
     assert.equal(await alice.locator('#me').getAttribute('data-user'), 'alice');
     assert.equal(await bob.locator('#me').getAttribute('data-user'), 'bob');
 
@@ -622,23 +671,29 @@ test('the demo page in Chromium: two users chat, the worker serving one is SIGKI
     assert.equal(await alice.locator('#members li[data-user="bob"]').getAttribute('data-online'), 'true');
     assert.ok(!fs.existsSync(`/proc/${pid}/cmdline`) || !fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8'), `pid ${pid} is still running`);
 
+    // Both pages stayed on their transport through the kill.
+    for (const p of pages) assert.equal(await p.locator('#worker').getAttribute('data-transport'), transport, p.user);
+
     // Screenshots (bob's is the README's: TETHER_DEMO_SCREENSHOT=docs/demo.png).
     fs.mkdirSync(ARTIFACTS, { recursive: true });
     await bob.bringToFront();
-    await bob.screenshot({ path: path.join(ARTIFACTS, 'bob.png') });
-    await alice.screenshot({ path: path.join(ARTIFACTS, 'alice.png') });
-    if (process.env.TETHER_DEMO_SCREENSHOT) fs.copyFileSync(path.join(ARTIFACTS, 'bob.png'), path.resolve(process.env.TETHER_DEMO_SCREENSHOT));
+    await bob.screenshot({ path: shot('bob') });
+    await alice.screenshot({ path: shot('alice') });
+    if (process.env.TETHER_DEMO_SCREENSHOT && !sse) fs.copyFileSync(shot('bob'), path.resolve(process.env.TETHER_DEMO_SCREENSHOT));
     log(`screenshots in ${ARTIFACTS}; whole test ${Date.now() - t0} ms`);
   } catch (e) {
     // What the pages and the gateway looked like when it failed.
     fs.mkdirSync(ARTIFACTS, { recursive: true });
     for (const p of pages) {
-      await p.screenshot({ path: path.join(ARTIFACTS, `failed-${p.user}.png`) }).catch(() => {});
+      await p.screenshot({ path: shot(`failed-${p.user}`) }).catch(() => {});
       const states = await p.evaluate(() => window.__states).catch(() => null);
       const toasts = await p.evaluate(() => window.__toasts).catch(() => null);
       e.message += `\n--- ${p.user}: states ${JSON.stringify(states)} toasts ${JSON.stringify(toasts)} console ${JSON.stringify(p.console)}`;
     }
-    e.message += `\n--- tether log (${tether.logFile}) ---\n${tail(tether.logFile)}\n(screenshots: ${ARTIFACTS}/failed-*.png)`;
+    e.message += `\n--- tether log (${tether.logFile}) ---\n${tail(tether.logFile)}\n(screenshots: ${ARTIFACTS}/*failed-*.png)`;
     throw e;
+  } finally {
+    for (const p of pages) await p.close().catch(() => {});
+    pages = [];
   }
-});
+}

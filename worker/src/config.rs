@@ -49,7 +49,7 @@ pub struct WorkerOptions {
         default_value_t = 4096
     )]
     pub outbound_queue: usize,
-    /// Open WebSocket connections per worker (503 beyond).
+    /// Open WebSocket and SSE connections per worker (503 beyond).
     #[arg(
         long,
         env = "TETHER_MAX_CONNECTIONS",
@@ -57,7 +57,8 @@ pub struct WorkerOptions {
         default_value_t = 20_000
     )]
     pub max_connections: usize,
-    /// A connection silent this long is closed; it is pinged at half of it (s).
+    /// A WebSocket silent this long is closed; it is pinged at half of it
+    /// (an SSE stream gets a comment every 15 s, or half of it if shorter) (s).
     #[arg(
         long,
         env = "TETHER_IDLE_TIMEOUT_SECS",
@@ -115,7 +116,7 @@ pub struct WorkerOptions {
         default_value_t = 10_000
     )]
     pub max_members: usize,
-    /// Open WebSocket connections of one user, per worker (429
+    /// Open WebSocket and SSE connections of one user, per worker (429
     /// too_many_connections beyond); 0 = unlimited.
     #[arg(
         long,
@@ -124,7 +125,7 @@ pub struct WorkerOptions {
         default_value_t = 64
     )]
     pub max_connections_per_user: usize,
-    /// Open WebSocket connections from one client address, per worker
+    /// Open WebSocket and SSE connections from one client address, per worker
     /// (429 too_many_connections beyond); 0 = unlimited. The address is
     /// the one `--proxy-protocol-from` peers vouch for, else the peer's.
     #[arg(
@@ -408,7 +409,7 @@ pub struct WorkerConfig {
     pub max_frame_bytes: usize,
     /// Events queued for one connection before it counts as too slow (1013).
     pub outbound_queue: usize,
-    /// Open WebSocket connections this worker accepts (503 beyond).
+    /// Open WebSocket and SSE connections this worker accepts (503 beyond).
     pub max_connections: usize,
     /// A connection silent this long is closed (pinged at half of it).
     pub idle_timeout: Duration,
@@ -432,9 +433,9 @@ pub struct WorkerConfig {
     pub membership_burst: f64,
     /// Members of one conversation, 0 = unlimited.
     pub max_members: usize,
-    /// Open WebSocket connections of one user, 0 = unlimited.
+    /// Open WebSocket and SSE connections of one user, 0 = unlimited.
     pub max_connections_per_user: usize,
-    /// Open WebSocket connections from one client address, 0 = unlimited.
+    /// Open WebSocket and SSE connections from one client address, 0 = unlimited.
     pub max_connections_per_ip: usize,
     /// Peers whose PROXY headers and X-Forwarded-For are believed.
     pub trusted_proxies: crate::client_addr::TrustedNets,

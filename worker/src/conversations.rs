@@ -202,3 +202,72 @@ pub async fn list_events(
         Err(e) => store_error_response(&e),
     }
 }
+
+/// `POST /v1/conversations/{id}/cursor`: other fields are ignored.
+#[derive(serde::Deserialize)]
+struct CursorBody {
+    seq: i64,
+}
+
+/// Moves the caller's cursor forward to `seq`, at once (an HTTP client's
+/// ack; the SDKs coalesce them): 200 `{"conversation_id","cursor"}` with
+/// the cursor as it now is (a seq at or below it changes nothing), 422
+/// `invalid_seq` past the last seq, 404 for a non-member.
+pub async fn move_cursor(
+    app: Arc<App>,
+    user: Arc<str>,
+    conversation_id: i64,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let body = match read_json(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let CursorBody { seq } = match fields(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if seq < 0 {
+        return invalid("seq must be a non-negative integer");
+    }
+    let who = user.to_string();
+    match app
+        .db_write(move |c| store::move_cursor(c, conversation_id, &who, seq))
+        .await
+    {
+        Ok(store::CursorMove::At(cursor)) => {
+            app.cursors.receipt(conversation_id, &user, cursor);
+            json_response(
+                StatusCode::OK,
+                json!({"conversation_id": conversation_id, "cursor": cursor}).to_string(),
+            )
+        }
+        Ok(store::CursorMove::BeyondLast(last)) => fail(
+            tether_protocol::error_code::ErrorCode::InvalidSeq,
+            &format!("seq {seq} is beyond the last seq {last}"),
+        ),
+        Err(e) => store_error_response(&e),
+    }
+}
+
+/// `POST /v1/conversations/{id}/typing`: the caller is typing (an HTTP
+/// client's `typing` frame: SSE clients send this way). 202 when relayed
+/// or dropped by the once-per-2-s limit alike (typing is ephemeral), 404
+/// for a non-member.
+pub async fn typing(app: Arc<App>, user: Arc<str>, conversation_id: i64) -> Response<Body> {
+    let u = user.to_string();
+    match app
+        .db(move |c| store::is_member(c, conversation_id, &u))
+        .await
+    {
+        Ok(true) => {
+            app.signals.typing(&user, conversation_id);
+            json_response(
+                StatusCode::ACCEPTED,
+                json!({ "conversation_id": conversation_id }).to_string(),
+            )
+        }
+        Ok(false) => store_error_response(&StoreError::NotFound(conversation_id)),
+        Err(e) => store_error_response(&e),
+    }
+}

@@ -92,6 +92,12 @@ impl CursorWriter {
         }
     }
 
+    /// A cursor written elsewhere (`POST .../cursor`, at once): its read
+    /// receipt goes out like those of acks.
+    pub fn receipt(&self, conversation_id: i64, user: &Arc<str>, seq: i64) {
+        self.announce(&[(conversation_id, user.clone(), seq)]);
+    }
+
     /// Read receipts of cursors just written, and of those held back by
     /// the once-a-second limit whose second is over.
     fn announce(&self, written: &[(i64, Arc<str>, i64)]) {

@@ -1,7 +1,7 @@
 //! HTTP: the accept loop, each connection's lifetime (header timeout,
 //! drain), and dispatch of every request by its [`Route`] to the module
 //! that answers it: [`crate::probes`], [`crate::demo`], [`crate::ws`],
-//! [`crate::members`], [`crate::conversations`].
+//! [`crate::sse`], [`crate::members`], [`crate::conversations`].
 //!
 //! Every error is JSON `{"error":code,"message":...}` with the contract's
 //! status ([`crate::respond`]); 429 and 503 carry `Retry-After` (and
@@ -12,7 +12,8 @@ use crate::phase::Phase;
 use crate::request::{authenticate, bearer};
 use crate::respond::{error_response, fail, retry_response, Body};
 use crate::routes::{ConversationRef, Route};
-use crate::{conversations, demo, members, probes, upgrade, App};
+use crate::sse::Outgoing;
+use crate::{conversations, demo, members, probes, sse, upgrade, App};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -105,7 +106,25 @@ async fn serve_connection(app: Arc<App>, mut stream: tokio::net::TcpStream, peer
     }
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Response<Body> {
+async fn handle(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Response<Outgoing> {
+    if req.method() == Method::GET && req.uri().path().trim_end_matches('/') == "/v1/sse" {
+        let ip = request_ip(&app, &req, conn_ip);
+        return sse::open(app, req, ip).await;
+    }
+    answer(app, req, conn_ip).await.map(Outgoing::Left)
+}
+
+/// The client's address: the connection's (a trusted balancer's PROXY
+/// header already applied), or what a trusted balancer says in
+/// `X-Forwarded-For`.
+fn request_ip(app: &App, req: &Request<Incoming>, conn_ip: IpAddr) -> IpAddr {
+    let forwarded = req.headers().get_all("x-forwarded-for");
+    let trusted = &app.config.trusted_proxies;
+    client_ip(conn_ip, forwarded.iter().map(|v| v.as_bytes()), trusted)
+}
+
+/// Every request but an event stream: a whole response.
+async fn answer(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Response<Body> {
     let method = req.method().clone();
     let Some(route) = Route::parse(&method, req.uri().path(), app.config.demo) else {
         return fail(ErrorCode::NotFound, "no such route");
@@ -119,11 +138,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Respo
                 .unwrap_or_else(|| fail(ErrorCode::NotFound, "no such file"))
         }
         Route::WebSocket => {
-            let forwarded = req.headers().get_all("x-forwarded-for");
-            let trusted = &app.config.trusted_proxies;
-            let ip = client_ip(conn_ip, forwarded.iter().map(|v| v.as_bytes()), trusted);
+            let ip = request_ip(&app, &req, conn_ip);
             return upgrade::upgrade(app, req, ip);
         }
+        // Answered by `handle`, which streams.
+        Route::EventStream => return fail(ErrorCode::NotFound, "no such route"),
         _ => {}
     }
     let user = match authenticate(&app, bearer(&req)) {
@@ -180,6 +199,15 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, conn_ip: IpAddr) -> Respo
             Ok(c) => conversations::presence(app, user, c).await,
             Err(r) => r,
         },
+        (Method::POST, Route::Cursor(c)) => match c.id() {
+            Ok(c) => conversations::move_cursor(app, user, c, req).await,
+            Err(r) => r,
+        },
+        (Method::POST, Route::Typing(c)) => match c.id() {
+            Ok(c) => conversations::typing(app, user, c).await,
+            Err(r) => r,
+        },
+        (Method::POST, Route::Tickets) => sse::issue_ticket(&app, &user),
         _ => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

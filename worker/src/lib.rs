@@ -22,9 +22,12 @@
 //! - [`request`] / [`respond`]: what a request carries (token, query,
 //!   JSON) and the contract's responses (one mapping of errors);
 //! - [`members`], [`conversations`], [`probes`]: the routes' answers;
-//! - [`upgrade`]: the WebSocket upgrade (token, handshake, limits per
-//!   user and per address);
-//! - [`ws`]: one WebSocket connection (backlog, synced, live, sends, acks);
+//! - [`upgrade`]: the WebSocket upgrade (token, handshake) and the limits
+//!   every connection takes (per user and per address, `Admission`);
+//! - [`ws`]: one connection (backlog, synced, live, sends, acks), whatever
+//!   its transport (`wire`: a WebSocket or an event stream);
+//! - [`sse`]: Server-Sent Events (`GET /v1/sse`) and their one-time
+//!   [`tickets`];
 //! - [`cursors`]: coalesced cursor writes;
 //! - [`health`]: the database probe;
 //! - [`control`]: the supervisor's control socket (ready, heartbeat, status);
@@ -67,8 +70,11 @@ pub mod respond;
 pub mod routes;
 pub mod sequencer;
 pub mod socket;
+pub mod sse;
 pub mod store;
+pub mod tickets;
 pub mod upgrade;
+mod wire;
 pub mod ws;
 
 use crate::commit::Committer;
@@ -98,6 +104,8 @@ pub struct App {
     pub verifier: Verifier,
     /// Authenticates the notifications this worker sends.
     pub notice_key: NoticeKey,
+    /// Signs and checks SSE tickets.
+    pub ticket_key: tickets::TicketKey,
     pub pool: Pool,
     pub committer: Committer,
     pub dispatcher: Dispatcher,
@@ -433,6 +441,7 @@ pub async fn run(listener: TcpListener, config: WorkerConfig, public_key: Option
     let app = Arc::new(App {
         replica,
         notice_key: key,
+        ticket_key: tickets::TicketKey::derive(config.secret.as_bytes()),
         verifier,
         membership_rate,
         user_conns,

@@ -70,6 +70,8 @@ impl Histogram {
 pub struct Metrics {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
+    /// Of those, SSE streams (`GET /v1/sse`).
+    pub sse_streams: AtomicU64,
     pub connections_refused: AtomicU64,
     pub events_committed: AtomicU64,
     pub sends_failed: AtomicU64,
@@ -119,6 +121,7 @@ impl Metrics {
         Metrics {
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
+            sse_streams: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             events_committed: AtomicU64::new(0),
             sends_failed: AtomicU64::new(0),
@@ -157,22 +160,28 @@ impl Metrics {
     /// others (pool state, cluster status) as (name, help, value).
     pub fn render(&self, worker: &str, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64, &str); 27] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 28] = [
             (
                 "tether_connections_open",
-                "Open WebSocket connections.",
+                "Open connections (WebSocket and SSE).",
                 &self.connections_open,
                 "gauge",
             ),
             (
                 "tether_connections_total",
-                "WebSocket connections accepted.",
+                "Connections accepted (WebSocket and SSE).",
                 &self.connections_total,
                 "counter",
             ),
             (
+                "tether_sse_streams_total",
+                "SSE streams accepted (GET /v1/sse; also counted in tether_connections_total).",
+                &self.sse_streams,
+                "counter",
+            ),
+            (
                 "tether_connections_refused_total",
-                "WebSocket upgrades refused (limits, draining).",
+                "WebSocket upgrades and SSE streams refused (limits, draining).",
                 &self.connections_refused,
                 "counter",
             ),

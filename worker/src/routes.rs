@@ -36,6 +36,10 @@ pub enum Route {
     Demo,
     /// `GET /v1/ws`
     WebSocket,
+    /// `GET /v1/sse`
+    EventStream,
+    /// `/v1/sse/tickets`
+    Tickets,
     /// `/v1/conversations`
     Conversations,
     /// `/v1/conversations/{id}/members`
@@ -46,6 +50,10 @@ pub enum Route {
     Messages(ConversationRef),
     /// `/v1/conversations/{id}/events`
     Events(ConversationRef),
+    /// `/v1/conversations/{id}/cursor`
+    Cursor(ConversationRef),
+    /// `/v1/conversations/{id}/typing`
+    Typing(ConversationRef),
     /// `/v1/conversations/{id}/presence`
     Presence(ConversationRef),
 }
@@ -64,6 +72,8 @@ impl Route {
             ["ready"] if get => Route::Ready,
             ["metrics"] if get => Route::Metrics,
             ["v1", "ws"] if get => Route::WebSocket,
+            ["v1", "sse"] if get => Route::EventStream,
+            ["v1", "sse", "tickets"] => Route::Tickets,
             ["v1", "conversations"] => Route::Conversations,
             ["v1", "conversations", id, "members"] => Route::Members(ConversationRef::parse(id)),
             ["v1", "conversations", id, "members", user] => {
@@ -71,6 +81,8 @@ impl Route {
             }
             ["v1", "conversations", id, "messages"] => Route::Messages(ConversationRef::parse(id)),
             ["v1", "conversations", id, "events"] => Route::Events(ConversationRef::parse(id)),
+            ["v1", "conversations", id, "cursor"] => Route::Cursor(ConversationRef::parse(id)),
+            ["v1", "conversations", id, "typing"] => Route::Typing(ConversationRef::parse(id)),
             ["v1", "conversations", id, "presence"] => Route::Presence(ConversationRef::parse(id)),
             _ => return None,
         };
@@ -92,6 +104,15 @@ mod tests {
         assert_eq!(get("/ready"), Some(Route::Ready));
         assert_eq!(get("/metrics"), Some(Route::Metrics));
         assert_eq!(get("/v1/ws"), Some(Route::WebSocket));
+        assert_eq!(get("/v1/sse"), Some(Route::EventStream));
+        assert_eq!(
+            Route::parse(&Method::POST, "/v1/sse/tickets", false),
+            Some(Route::Tickets)
+        );
+        assert_eq!(
+            Route::parse(&Method::POST, "/v1/conversations/3/cursor", false),
+            Some(Route::Cursor(ConversationRef::Id(3)))
+        );
         assert_eq!(get("/demo/app.js"), Some(Route::Demo));
         assert_eq!(get("/v1/conversations"), Some(Route::Conversations));
         assert_eq!(

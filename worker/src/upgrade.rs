@@ -8,6 +8,7 @@
 use crate::phase::Phase;
 use crate::request::{authenticate, bearer, query_param};
 use crate::respond::{error_response, json_response, retry_response, Body};
+use crate::wire::Wire;
 use crate::ws::Connection;
 use crate::App;
 use hyper::body::Incoming;
@@ -93,6 +94,103 @@ impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     }
 }
 
+/// A connection's places in the worker's limits (per client address, per
+/// user, per worker), taken before it runs and given back when dropped.
+/// WebSockets and event streams count alike.
+pub struct Admission {
+    app: Arc<App>,
+    _ip_slot: Option<Slot<IpAddr>>,
+    _user_slot: Slot<Arc<str>>,
+}
+
+impl Admission {
+    /// 503 `draining` when the worker drains; 429 `too_many_connections`
+    /// when the client address `ip` (see [`crate::client_addr`]) has
+    /// `--max-connections-per-ip` open here, or the user
+    /// `--max-connections-per-user`; 503 `too_many_connections` when the
+    /// worker is full.
+    pub fn take(app: &Arc<App>, user: &Arc<str>, ip: IpAddr) -> Result<Admission, Response<Body>> {
+        let refused = || {
+            app.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+        };
+        if app.phase.get() == Phase::Draining {
+            refused();
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this worker is draining; reconnect",
+            ));
+        }
+        // The address's slot, unless it is one of our own balancers (their
+        // own connections, health checks and all, are not a client's).
+        let ip_slot = if app.config.trusted_proxies.contains(ip) {
+            None
+        } else {
+            match app.ip_conns.acquire(&ip, app.config.max_connections_per_ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    refused();
+                    log::info!(
+                        "ip={ip} user={user}: refused, {} connections from this address open on this worker",
+                        app.config.max_connections_per_ip
+                    );
+                    return Err(retry_response(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_connections",
+                        "too many connections from this address on this worker",
+                        1,
+                    ));
+                }
+            }
+        };
+        // The user's slot: one user cannot take every connection.
+        let Some(user_slot) = app
+            .user_conns
+            .acquire(user, app.config.max_connections_per_user)
+        else {
+            refused();
+            log::info!(
+                "ip={ip} user={user}: refused, {} connections open on this worker",
+                app.config.max_connections_per_user
+            );
+            return Err(retry_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections of this user on this worker",
+                1,
+            ));
+        };
+        // Reserve the slot now so concurrent connects cannot overshoot.
+        let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission {
+            app: app.clone(),
+            _ip_slot: ip_slot,
+            _user_slot: user_slot,
+        };
+        if open as usize >= app.config.max_connections {
+            drop(admission);
+            refused();
+            let mut r = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "this worker is full",
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            return Err(r);
+        }
+        Ok(admission)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.app.live_conns.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Answers `GET /v1/ws`: 401 before any upgrade without a valid token,
 /// 429 when the user or the client address (`ip`, see
 /// [`crate::client_addr`]) has too many connections here, 503 when
@@ -135,77 +233,10 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>, ip: IpAddr) -> Response<Bo
             "not a WebSocket handshake (version 13)",
         );
     }
-    if app.phase.get() == Phase::Draining {
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this worker is draining; reconnect",
-        );
-    }
-    // The address's slot, unless it is one of our own balancers (their
-    // own connections, health checks and all, are not a client's).
-    let ip_slot = if app.config.trusted_proxies.contains(ip) {
-        None
-    } else {
-        match app.ip_conns.acquire(&ip, app.config.max_connections_per_ip) {
-            Some(slot) => Some(slot),
-            None => {
-                app.metrics
-                    .connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                log::info!(
-                    "ip={ip} user={user}: refused, {} connections from this address open on this worker",
-                    app.config.max_connections_per_ip
-                );
-                return retry_response(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_connections",
-                    "too many connections from this address on this worker",
-                    1,
-                );
-            }
-        }
+    let admission = match Admission::take(&app, &user, ip) {
+        Ok(a) => a,
+        Err(r) => return r,
     };
-    // The user's slot: one user cannot take every connection.
-    let Some(user_slot) = app
-        .user_conns
-        .acquire(&user, app.config.max_connections_per_user)
-    else {
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        log::info!(
-            "ip={ip} user={user}: refused, {} connections open on this worker",
-            app.config.max_connections_per_user
-        );
-        return retry_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections",
-            "too many connections of this user on this worker",
-            1,
-        );
-    };
-    // Reserve the slot now so concurrent upgrades cannot overshoot.
-    let open = app.live_conns.fetch_add(1, Ordering::AcqRel);
-    if open as usize >= app.config.max_connections {
-        app.live_conns.fetch_sub(1, Ordering::AcqRel);
-        drop(user_slot);
-        drop(ip_slot);
-        app.metrics
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        let mut r = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "this worker is full",
-        );
-        r.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-        return r;
-    }
     let on_upgrade = hyper::upgrade::on(req);
     let config = WebSocketConfig::default()
         // Idle sockets are most of a gateway's memory: start small (client
@@ -225,13 +256,11 @@ pub fn upgrade(app: Arc<App>, req: Request<Incoming>, ip: IpAddr) -> Response<Bo
                     Some(config),
                 )
                 .await;
-                Connection::run(app.clone(), socket, user, ip).await;
+                Connection::run(app.clone(), Wire::WebSocket(socket), user, ip).await;
             }
             Err(e) => log::debug!("ip={ip} user={user}: upgrade failed: {e}"),
         }
-        drop(user_slot);
-        drop(ip_slot);
-        app.live_conns.fetch_sub(1, Ordering::AcqRel);
+        drop(admission);
     };
     // An idle connection costs this task (about 2.3 KB of future state),
     // its socket's buffers and two channels: see README, Performance.

@@ -20,7 +20,10 @@
 //   conversation, never above what the current connection delivered;
 // - retries a send with the same client_msg_id across reconnects until the
 //   server answers `sent` or a final error, so a retry never creates a
-//   second event; the outbox is bounded.
+//   second event; the outbox is bounded;
+// - with `transports: ['websocket', 'sse']`, falls back to Server-Sent
+//   Events when WebSocket does not get through (a proxy): the same stream,
+//   with sends and acks over HTTP (see SseSocket).
 //
 // The wire protocol is the project's docs/PROTOCOL.md; the SDK's own
 // contract (states, events, defaults, codes, acks) is docs/SDK.md.
@@ -61,6 +64,8 @@ const DEFAULTS = {
   autoAck: true,
   tokenRefreshMarginMs: 30000,
   probeIntervalMs: 30000,
+  transports: ['websocket'],
+  sseAfterFailures: 3,
 };
 
 /** An error of the gateway or of the client, with a machine-readable code. */
@@ -161,14 +166,19 @@ export class TetherClient {
     if (!o.token && typeof o.getToken !== 'function') {
       throw new TypeError('TetherClient: give `token` or `getToken`');
     }
+    const transports = (o.transports || []).filter((t) => t === 'websocket' || t === 'sse');
+    if (transports.length === 0) throw new TypeError("TetherClient: `transports` must name 'websocket' and/or 'sse'");
     const WS = o.WebSocket || globalThis.WebSocket;
-    if (typeof WS !== 'function') {
+    if (typeof WS !== 'function' && transports[0] === 'websocket') {
       throw new TypeError(
         'TetherClient: no WebSocket constructor; pass one, e.g. `WebSocket` from the "ws" package in Node',
       );
     }
     this._o = o;
     this._WS = WS;
+    this._transports = transports;
+    this._transport = transports[0];
+    this._wsFailures = 0;
     this._fetch = o.fetch || (typeof globalThis.fetch === 'function' ? globalThis.fetch.bind(globalThis) : null);
     this._random = typeof o.random === 'function' ? o.random : Math.random;
     const ep = endpoints(o.url);
@@ -271,6 +281,11 @@ export class TetherClient {
   /** connecting | open | synced | reconnecting | closed (idle before connect). */
   get state() {
     return this._state;
+  }
+
+  /** The transport in use: `websocket`, or `sse` after a fall-back (or when it is the only one). */
+  get transport() {
+    return this._transport;
   }
 
   /** True between `synced` and the connection's end. */
@@ -449,7 +464,7 @@ export class TetherClient {
     let ws;
     try {
       // The token as a subprotocol: never in a URL that proxies log.
-      ws = new this._WS(this.wsUrl, ['tether.v1', `tether.token.${token}`]);
+      ws = this._transport === 'sse' ? new SseSocket(this, token) : new this._WS(this.wsUrl, ['tether.v1', `tether.token.${token}`]);
     } catch (e) {
       this._emit('error', new TetherError('connect_failed', `could not open a WebSocket: ${e && e.message}`));
       this._scheduleReconnect({ code: 0, reason: 'constructor failed' });
@@ -543,6 +558,10 @@ export class TetherClient {
       // browsers say nothing, so a rate-limited REST probe asks about 401.
       const m = /server response: (\d{3})/.exec(handshakeError);
       const status = m ? Number(m[1]) : 0;
+      if (this._fallBack(status)) {
+        this._scheduleReconnect({ code, reason, delay: this._random() * this._o.soonMs });
+        return;
+      }
       if (status >= 400 && status < 500 && status !== 401 && status !== 429) {
         this._fail(
           new TetherError('config', `the handshake was refused with HTTP ${status}; is ${this.wsUrl} the gateway's?`, {
@@ -587,6 +606,23 @@ export class TetherClient {
       if (syncedFor >= this._o.stableMs) this._attempt = 0;
     }
     this._scheduleReconnect({ code, reason, delay });
+  }
+
+  /**
+   * After a WebSocket that never opened: switches to SSE (when allowed) if
+   * something in between refused the upgrade (an HTTP status other than
+   * 401/429), or after `sseAfterFailures` failures in a row. The client
+   * stays on SSE until close().
+   */
+  _fallBack(status) {
+    if (this._transport !== 'websocket' || !this._transports.includes('sse')) return false;
+    this._wsFailures++;
+    const refused = status >= 400 && status !== 401 && status !== 429;
+    if (!refused && this._wsFailures < this._o.sseAfterFailures) return false;
+    this._transport = 'sse';
+    this._attempt = 0;
+    this._emit('transport', { transport: 'sse', reason: refused ? `WebSocket refused with HTTP ${status}` : `${this._wsFailures} WebSocket failures` });
+    return true;
   }
 
   /** Gives up for good with `err` (final: retrying cannot help). */
@@ -657,10 +693,11 @@ export class TetherClient {
         this._opened = true;
         this._openedAt = Date.now();
         this._authFailures = 0;
+        this._wsFailures = 0;
         this._connectTimer = this._cancel(this._connectTimer);
         if (f.user) this.user = f.user;
         this.worker = f.worker || null;
-        this._setState('open', { user: f.user, worker: f.worker });
+        this._setState('open', { user: f.user, worker: f.worker, transport: this._transport });
         break;
       case 'event':
         this._onEvent(f);
@@ -1211,6 +1248,164 @@ export class TetherClient {
  * channels): the client-wide stream stays the one source of events (one
  * order, one ack path); this narrows it.
  */
+/**
+ * The SSE transport, shaped like a WebSocket for the client (readyState,
+ * send, close, on*): it reads `GET /v1/sse` (an EventSource with a one-time
+ * ticket, never the token in the URL; or, where there is no EventSource, a
+ * fetch stream with the token in the header) and turns what the client
+ * writes into HTTP: a `send` into POST .../messages, answered with the
+ * `sent` or `error` frame the WebSocket would have sent (same
+ * client_msg_id, so the same retry rules); an `ack` into POST .../cursor
+ * (the client already coalesces them); a `ping` into a `pong` once the
+ * acks before it are done. `event: draining`, then the end of the stream,
+ * closes it as 1001 does a WebSocket (`event: resync`, as 1013).
+ */
+class SseSocket {
+  constructor(client, token) {
+    this.readyState = 0;
+    this._c = client;
+    this._token = token;
+    this._acks = Promise.resolve();
+    // Set by `event: draining` (1001) or `event: resync` (1013): the
+    // server ends the stream and wants us back at once.
+    this._endCode = 1006;
+    // When the stream last said anything (the server pings every 15 s).
+    this._heard = Date.now();
+    this._es = null;
+    this._ctl = null;
+    this.onopen = this.onmessage = this.onerror = this.onclose = null;
+    // After the client has set the handlers.
+    Promise.resolve().then(() => this._start());
+  }
+
+  _http(method, path, body) {
+    return this._c._fetch(`${this._c.httpUrl}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${this._token}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  }
+
+  _frame(f) {
+    if (this.readyState !== 3 && this.onmessage) this.onmessage({ data: typeof f === 'string' ? f : JSON.stringify(f) });
+  }
+
+  _end(code, reason, error) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    if (this._es) this._es.close();
+    if (this._ctl) this._ctl.abort();
+    if (error && this.onerror) this.onerror({ message: error });
+    if (this.onclose) this.onclose({ code, reason });
+  }
+
+  _onData(name, data) {
+    if (this.readyState === 3) return;
+    this._heard = Date.now();
+    if (name === 'draining' || name === 'resync') {
+      this._endCode = name === 'draining' ? 1001 : 1013;
+      return;
+    }
+    if (name === 'hello' && this.readyState === 0) {
+      this.readyState = 1;
+      if (this.onopen) this.onopen();
+    }
+    this._frame(data);
+  }
+
+  async _start() {
+    const ES = this._c._o.EventSource || globalThis.EventSource;
+    const url = `${this._c.httpUrl}/v1/sse`;
+    const ended = () => this._end(this._endCode, 'event stream ended');
+    try {
+      if (!this._c._fetch) throw new Error('SSE needs fetch');
+      if (ES) {
+        const r = await this._http('POST', '/v1/sse/tickets', {});
+        if (r.status !== 200) return this._end(1006, '', `Unexpected server response: ${r.status}`);
+        const { ticket } = await r.json();
+        if (this.readyState === 3) return;
+        const es = (this._es = new ES(`${url}?ticket=${encodeURIComponent(ticket)}`));
+        // `failure` is the WebSocket's `error` frame (`error` is EventSource's own event).
+        for (const name of ['hello', 'event', 'synced', 'failure', 'truncated', 'presence', 'typing', 'read', 'ping', 'draining', 'resync']) {
+          es.addEventListener(name, (m) => this._onData(name, m.data));
+        }
+        // A ticket opens one stream: no EventSource reconnects, the client does.
+        es.onerror = ended;
+        return;
+      }
+      this._ctl = new AbortController();
+      const r = await this._c._fetch(url, {
+        headers: { authorization: `Bearer ${this._token}`, accept: 'text/event-stream' },
+        signal: this._ctl.signal,
+      });
+      if (r.status !== 200) return this._end(1006, '', `Unexpected server response: ${r.status}`);
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = '';
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        for (let i; (i = buf.indexOf('\n\n')) >= 0; ) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          let name = 'message';
+          const data = [];
+          for (const line of block.split('\n')) {
+            if (line.startsWith('event:')) name = line.slice(6).trim();
+            else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+          }
+          if (data.length) this._onData(name, data.join('\n'));
+        }
+      }
+      ended();
+    } catch (e) {
+      this._end(1006, '', String((e && e.message) || e));
+    }
+  }
+
+  send(text) {
+    if (this.readyState !== 1) throw new Error('the event stream is not open');
+    const f = JSON.parse(text);
+    if (f.type === 'send') this._post(f);
+    else if (f.type === 'ack') {
+      const path = `/v1/conversations/${f.conversation_id}/cursor`;
+      this._acks = this._acks.then(() => this._http('POST', path, { seq: f.seq }).catch(() => {}));
+    } else if (f.type === 'typing') {
+      this._http('POST', `/v1/conversations/${f.conversation_id}/typing`).catch(() => {});
+    } else if (f.type === 'ping') {
+      // Answered once the acks before it are done, and only while the
+      // stream is heard from: the client's heartbeat then drops a stream
+      // that went silent (a half-open connection), as it drops a WebSocket.
+      this._acks = this._acks.then(() => {
+        if (Date.now() - this._heard < 30000) this._frame({ type: 'pong' });
+      });
+    }
+  }
+
+  async _post(f) {
+    const ids = { client_msg_id: f.client_msg_id, conversation_id: f.conversation_id };
+    let frame;
+    try {
+      const r = await this._http('POST', `/v1/conversations/${f.conversation_id}/messages`, { body: f.body, client_msg_id: f.client_msg_id });
+      const b = await r.json().catch(() => ({}));
+      if (r.status === 200 || r.status === 201) frame = { type: 'sent', ...ids, seq: b.seq, duplicate: r.status === 200 };
+      else {
+        // What a proxy says without the contract's body: retried, like a lost connection.
+        const code = b.error || (r.status >= 500 ? 'unavailable' : `http_${r.status}`);
+        frame = { type: 'error', ...ids, code, message: b.message || `HTTP ${r.status}`, retry_after: b.retry_after ?? (b.error ? undefined : 1) };
+      }
+    } catch (e) {
+      frame = { type: 'error', ...ids, code: 'unavailable', message: `send failed: ${e && e.message}`, retry_after: 1 };
+    }
+    this._frame(frame);
+  }
+
+  close() {
+    this._end(1000, 'client closed');
+  }
+}
+
 export class Conversation {
   constructor(client, conversationId) {
     const id = Number(conversationId);

@@ -25,6 +25,13 @@ client.close();
 client.send(7, 42);
 // @ts-expect-error: no such option
 new TetherClient({ url: 'x', token: 't', autoAk: false });
+// WebSocket first, SSE when it does not get through.
+const fallback = new TetherClient({ url: 'x', token: 't', transports: ['websocket', 'sse'], sseAfterFailures: 2 });
+fallback.on('transport', (t) => console.log(t.transport === 'sse', t.reason));
+const now: 'websocket' | 'sse' = fallback.transport;
+console.log(now);
+// @ts-expect-error: no such transport
+new TetherClient({ url: 'x', token: 't', transports: ['long-polling'] });
 
 // Presence, typing, read receipts (issue 13).
 {

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "presence",
         sql: include_str!("../../../migrations/0004_presence.sql"),
     },
+    Migration {
+        version: 5,
+        name: "sse_tickets",
+        sql: include_str!("../../../migrations/0005_sse_tickets.sql"),
+    },
 ];
 
 /// The advisory lock every schema change takes.

@@ -29,6 +29,7 @@ pub mod oneshot;
 pub mod presence;
 mod read;
 pub mod retain;
+mod tickets;
 
 /// The whole current schema, to read (databases are built by [`migrate`]).
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
@@ -43,6 +44,7 @@ pub use membership::{
 pub use notice::{Notice, NoticeKey};
 pub use read::*;
 use tether_protocol::error_code::ErrorCode;
+pub use tickets::redeem_ticket;
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};

@@ -32,6 +32,49 @@ pub fn advance_cursors(
     )?)
 }
 
+/// What one explicit cursor move did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorMove {
+    /// The cursor is now this (the greater of what it was and the seq).
+    At(i64),
+    /// The seq is past the conversation's last seq (which is this):
+    /// nothing moved.
+    BeyondLast(i64),
+}
+
+/// Moves `user`'s cursor in one conversation forward to `seq` (never
+/// back), at once: `POST /v1/conversations/{id}/cursor`. `NotFound` for a
+/// non-member. The cursor reported is where delivery resumes, never below
+/// the seq before the user's own `member.joined`.
+pub fn move_cursor(
+    client: &mut Client,
+    conversation_id: i64,
+    user: &str,
+    seq: i64,
+) -> Result<CursorMove, StoreError> {
+    let mut tx = client.transaction()?;
+    let row = tx
+        .oneshot_query_opt(
+            "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.conversation_id = $1 AND m.user_id = $2
+             FOR UPDATE OF m",
+            &[&conversation_id, &user],
+        )?
+        .ok_or(StoreError::NotFound(conversation_id))?;
+    let last: i64 = row.get(0);
+    if seq > last {
+        return Ok(CursorMove::BeyondLast(last));
+    }
+    let row = tx.oneshot_query_one(
+        "UPDATE members SET cursor_seq = GREATEST(cursor_seq, $3)
+         WHERE conversation_id = $1 AND user_id = $2
+         RETURNING GREATEST(cursor_seq, joined_seq - 1)",
+        &[&conversation_id, &user, &seq],
+    )?;
+    tx.commit()?;
+    Ok(CursorMove::At(row.get(0)))
+}
+
 // ---------------------------------------------------------------------------
 // Reads
 // ---------------------------------------------------------------------------

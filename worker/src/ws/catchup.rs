@@ -10,7 +10,7 @@ use crate::fanout::ConnMsg;
 use crate::frame::Frame;
 use crate::sequencer::Verdict;
 use crate::store;
-use futures_util::StreamExt;
+use crate::wire::Out;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +45,9 @@ impl Connection {
                             None,
                             Some(1),
                         );
-                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                        self.write_now("error", f)
+                            .await
+                            .map_err(|_| End::ClientClosed)?;
                     }
                     self.pause(Duration::from_millis(500), false).await?;
                 }
@@ -134,7 +136,7 @@ impl Connection {
             }
         }
         self.app.metrics.backlog_events.observe(replayed as f64);
-        self.write_now(server::synced())
+        self.write_now("synced", server::synced())
             .await
             .map_err(|_| End::ClientClosed)?;
         self.presence_burst().await?;
@@ -166,7 +168,9 @@ impl Connection {
             Ok(rows) => {
                 for (c, p) in rows {
                     let f = server::presence(c, &p.user, p.online, &p.last_seen);
-                    self.write(f.into()).await.map_err(|_| End::ClientClosed)?;
+                    self.write_control("presence", f)
+                        .await
+                        .map_err(|_| End::ClientClosed)?;
                 }
                 self.flush().await.map_err(|_| End::ClientClosed)
             }
@@ -215,12 +219,12 @@ impl Connection {
             tokio::select! {
                 _ = &mut sleep => return Ok(()),
                 _ = &mut drain => return Err(End::Draining),
-                m = self.ws.next(), if can_read => match m {
+                m = self.wire.next(), if can_read => match m {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
                     Some(Ok(m)) if synced => self.deferred.push_back(m),
                     Some(Ok(Message::Text(_))) | Some(Ok(Message::Binary(_))) => {
                         let f = server::error("not_synced", "wait for synced before sending", None, Some(1));
-                        self.write_now(f).await.map_err(|_| End::ClientClosed)?;
+                        self.write_now("error", f).await.map_err(|_| End::ClientClosed)?;
                     }
                     Some(Ok(_)) => {}
                 },
@@ -233,7 +237,7 @@ impl Connection {
     async fn write_frame(&mut self, f: &Frame) -> Result<(), End> {
         match self.seq.offer(f) {
             Verdict::Write => self
-                .write(f.text.clone())
+                .write(Out::Event(f))
                 .await
                 .map_err(|_| End::ClientClosed),
             Verdict::Skip => Ok(()),
@@ -257,7 +261,10 @@ impl Connection {
         self.queue.taken(&msg);
         match msg {
             ConnMsg::Event(f) => self.on_event(f).await,
-            ConnMsg::Signal(text) => self.write(text).await.map_err(|_| End::ClientClosed),
+            ConnMsg::Signal(text) => self
+                .write(Out::Signal(&text))
+                .await
+                .map_err(|_| End::ClientClosed),
             ConnMsg::Backfill {
                 conversation_id,
                 after,
@@ -372,7 +379,7 @@ impl Connection {
         }
         if self.seq.truncate(c, horizon) {
             self.app.metrics.truncations.fetch_add(1, Ordering::Relaxed);
-            self.write(server::truncated(c, horizon + 1).into())
+            self.write_control("truncated", server::truncated(c, horizon + 1))
                 .await
                 .map_err(|_| End::ClientClosed)?;
         }
@@ -386,7 +393,7 @@ impl Connection {
             match self.seq.offer(&f) {
                 Verdict::Write => {
                     return self
-                        .write(f.text.clone())
+                        .write(Out::Event(&f))
                         .await
                         .map_err(|_| End::ClientClosed)
                 }

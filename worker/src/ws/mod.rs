@@ -1,6 +1,8 @@
-//! One WebSocket connection, once upgraded ([`crate::upgrade`]): `hello`,
-//! the backlog, `synced`, then live events, sends and acks until either
-//! side closes or the worker drains.
+//! One connection, once upgraded ([`crate::upgrade`]) or opened as an
+//! event stream ([`crate::sse`]): `hello`, the backlog, `synced`, then live
+//! events (and, on a WebSocket, sends and acks) until either side closes
+//! or the worker drains. The transport is only the [`Wire`]: every
+//! guarantee below holds for both.
 //!
 //! Every event the connection writes, on every path (backlog, cache,
 //! repair, live), goes through its [`Sequencer`]: only `last + 1` is
@@ -22,8 +24,8 @@ use crate::request::check_body;
 use crate::sequencer::Sequencer;
 use crate::store::StoreFailure;
 use crate::store::{NewMessage, StoreError};
+use crate::wire::{Close as End, Gone, Out, Wire};
 use crate::App;
-use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -33,9 +35,7 @@ use std::time::{Duration, Instant};
 use tether_protocol::frames::{server, ClientFrame};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -46,29 +46,20 @@ const PAGE: i64 = 1000;
 /// Client frames kept while a repair waits for the database.
 const MAX_DEFERRED: usize = 64;
 
-/// How a connection ended, for the close frame.
-enum End {
-    ClientClosed,
-    Draining,
-    TooSlow,
-    TooLarge,
-    InvalidUtf8,
-    Idle,
-    /// History was pruned past the connection and its user's membership
-    /// may have changed inside the pruned range: reconnect, and the
-    /// backlog starts from what the membership table says.
-    Resync,
-    Internal(&'static str),
-}
+/// How often an event stream gets a comment line when nothing else is
+/// written (at most; half the idle timeout when that is shorter): proxies
+/// close streams silent for longer.
+const SSE_PING: Duration = Duration::from_secs(15);
 
 pub(crate) struct Connection {
     app: Arc<App>,
     id: u64,
     user: Arc<str>,
-    /// The socket, not split: reads happen only inside `select!` (whose
-    /// futures are dropped before a branch's handler runs) and writes only
-    /// in handlers, so one owner suffices and no lock sits between them.
-    ws: Socket,
+    /// The socket or stream, not split: reads happen only inside
+    /// `select!` (whose futures are dropped before a branch's handler runs)
+    /// and writes only in handlers, so one owner suffices and no lock sits
+    /// between them.
+    wire: Wire,
     /// What this connection has written, per conversation, and may write.
     seq: Sequencer,
     /// Client frames read while a repair waited, handled after it.
@@ -84,9 +75,9 @@ pub(crate) struct Connection {
 /// Runs a socket write, checking every second whether the dispatcher has
 /// cut this connection meanwhile: a client that stops reading blocks our
 /// writes, and must not keep its task (and queue) alive forever.
-async fn guarded<F>(cut: &AtomicBool, fut: F) -> Result<(), WsError>
+async fn guarded<F>(cut: &AtomicBool, fut: F) -> Result<(), Gone>
 where
-    F: std::future::Future<Output = Result<(), WsError>>,
+    F: std::future::Future<Output = Result<(), Gone>>,
 {
     tokio::pin!(fut);
     // Most writes complete at once (the socket has room): try before arming
@@ -99,21 +90,16 @@ where
     loop {
         match tokio::time::timeout(Duration::from_secs(1), &mut fut).await {
             Ok(r) => return r,
-            Err(_) if cut.load(Ordering::Acquire) => {
-                return Err(WsError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "client too slow",
-                )))
-            }
+            Err(_) if cut.load(Ordering::Acquire) => return Err(Gone),
             Err(_) => {}
         }
     }
 }
 
 impl Connection {
-    /// Serves one connection of `user` from client address `ip` (for the
-    /// logs) until it ends.
-    pub(crate) async fn run(app: Arc<App>, socket: Socket, user: Arc<str>, ip: IpAddr) {
+    /// Serves one client of `user` from client address `ip` (for the logs)
+    /// on `wire` until it goes, is cut, or the worker drains.
+    pub(crate) async fn run(app: Arc<App>, wire: Wire, user: Arc<str>, ip: IpAddr) {
         let id = app.next_conn_id();
         let (tx, rx) = mpsc::channel(app.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(app.config.max_inflight);
@@ -130,7 +116,7 @@ impl Connection {
             app: app.clone(),
             id,
             user: user.clone(),
-            ws: socket,
+            wire,
             seq: Sequencer::new(&user),
             deferred: VecDeque::new(),
             inflight: 0,
@@ -144,62 +130,41 @@ impl Connection {
             // not read: tell it why, if it ever reads again.
             end = End::TooSlow;
         }
-        Box::pin(conn.close(end)).await;
+        Box::pin(conn.wire.close(end)).await;
         app.dispatcher.deregister(id).await;
         app.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
         log::debug!("user={user} conn={id} ip={ip}: closed");
     }
 
-    async fn write(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
+    async fn write(&mut self, out: Out<'_>) -> Result<(), Gone> {
         self.unflushed += 1;
         let queue = self.queue.clone();
-        guarded(&queue.cut, self.ws.feed(Message::Text(text))).await
+        guarded(&queue.cut, self.wire.feed(out)).await
     }
 
-    async fn flush(&mut self) -> Result<(), WsError> {
+    /// Writes a frame other than an event.
+    async fn write_control(&mut self, kind: &'static str, text: String) -> Result<(), Gone> {
+        self.write(Out::Control(kind, text)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Gone> {
         if self.unflushed > 0 {
             self.unflushed = 0;
             let queue = self.queue.clone();
-            guarded(&queue.cut, self.ws.flush()).await?;
+            guarded(&queue.cut, self.wire.flush()).await?;
         }
         Ok(())
     }
 
-    async fn write_now(&mut self, text: String) -> Result<(), WsError> {
-        self.write(Utf8Bytes::from(text)).await?;
+    async fn write_now(&mut self, kind: &'static str, text: String) -> Result<(), Gone> {
+        self.write_control(kind, text).await?;
         self.flush().await
     }
 
-    async fn close(&mut self, end: End) {
-        let (code, reason) = match end {
-            End::ClientClosed => return,
-            End::Draining => (CloseCode::Away, "server draining; reconnect"),
-            End::TooSlow => (
-                CloseCode::Again,
-                "client too slow; reconnect to replay from your cursor",
-            ),
-            End::TooLarge => (CloseCode::Size, "frame too large"),
-            End::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
-            End::Idle => (CloseCode::Normal, "idle timeout"),
-            End::Resync => (CloseCode::Again, "history was pruned; reconnect to resync"),
-            End::Internal(why) => (CloseCode::Error, why),
-        };
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        };
-        // A client cut for being slow gets longer: the close frame waits
-        // behind what it has not read yet.
-        let grace = if code == CloseCode::Again {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_secs(2)
-        };
-        let _ = tokio::time::timeout(grace, async {
-            let _ = self.ws.send(Message::Close(Some(frame))).await;
-            let _ = self.ws.close(None).await;
-        })
-        .await;
+    /// A WebSocket ping or an event stream's comment, written at once.
+    async fn keepalive(&mut self) -> Result<(), Gone> {
+        let queue = self.queue.clone();
+        guarded(&queue.cut, self.wire.keepalive()).await
     }
 
     /// The connection's life; returns why it ended.
@@ -210,7 +175,7 @@ impl Connection {
         cut: &AtomicBool,
     ) -> End {
         let hello = server::hello(&self.user, &self.app.config.worker_id);
-        if self.write_now(hello).await.is_err() {
+        if self.write_now("hello", hello).await.is_err() {
             return End::ClientClosed;
         }
         // Boxed, like every rarely taken path below: a future's size is its
@@ -226,7 +191,14 @@ impl Connection {
         tokio::pin!(drain);
         let idle = self.app.config.idle_timeout;
         let mut last_inbound = Instant::now();
-        let mut ticker = tokio::time::interval(idle / 4);
+        // A WebSocket is checked for silence; an event stream, whose
+        // client never talks, gets a comment every period instead.
+        let period = if self.wire.has_inbound() {
+            idle / 4
+        } else {
+            SSE_PING.min(idle / 2)
+        };
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pinged = false;
         loop {
@@ -271,7 +243,7 @@ impl Connection {
                     }
                     if self.flush().await.is_err() { return End::ClientClosed; }
                 }
-                inbound = self.ws.next(), if can_read => {
+                inbound = self.wire.next(), if can_read => {
                     last_inbound = Instant::now();
                     pinged = false;
                     match inbound {
@@ -294,6 +266,10 @@ impl Connection {
                     }
                 }
                 _ = ticker.tick() => {
+                    if !self.wire.has_inbound() {
+                        if self.keepalive().await.is_err() { return End::ClientClosed; }
+                        continue;
+                    }
                     let silent = last_inbound.elapsed();
                     if silent >= idle {
                         log::info!("user={} conn={}: silent for {}s, closing", self.user, self.id, silent.as_secs());
@@ -302,7 +278,7 @@ impl Connection {
                     }
                     if silent >= idle / 2 && !pinged {
                         pinged = true;
-                        if self.ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        if self.keepalive().await.is_err() {
                             return End::ClientClosed;
                         }
                     }
@@ -344,7 +320,7 @@ impl Connection {
                     None,
                     None,
                 );
-                self.write(Utf8Bytes::from(f))
+                self.write_control("error", f)
                     .await
                     .map_err(|_| End::ClientClosed)?;
                 Ok(true)
@@ -363,22 +339,25 @@ impl Connection {
                 self.app.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
                 let f = server::error(e.code, &e.message, e.client_msg_id.as_deref(), None);
                 return self
-                    .write(Utf8Bytes::from(f))
+                    .write_control("error", f)
                     .await
                     .map_err(|_| End::ClientClosed);
             }
         };
         let reply = match frame {
-            ClientFrame::Ping => server::pong(),
+            ClientFrame::Ping => ("pong", server::pong()),
             // Members only (the sequencer knows: the same rule as acks);
             // forwarded at most once per 2 s, silently dropped beyond.
             ClientFrame::Typing { conversation_id } => {
                 if self.seq.last(conversation_id).is_none() {
-                    server::error(
-                        "not_found",
-                        &format!("conversation {conversation_id} not found"),
-                        None,
-                        None,
+                    (
+                        "error",
+                        server::error(
+                            "not_found",
+                            &format!("conversation {conversation_id} not found"),
+                            None,
+                            None,
+                        ),
                     )
                 } else {
                     self.app.signals.typing(&self.user, conversation_id);
@@ -393,17 +372,23 @@ impl Connection {
                     self.app.cursors.ack(conversation_id, &self.user, seq);
                     return Ok(());
                 }
-                Some(last) => server::error(
-                    "invalid_seq",
-                    &format!("seq {seq} is beyond the last delivered seq {last}"),
-                    None,
-                    None,
+                Some(last) => (
+                    "error",
+                    server::error(
+                        "invalid_seq",
+                        &format!("seq {seq} is beyond the last delivered seq {last}"),
+                        None,
+                        None,
+                    ),
                 ),
-                _ => server::error(
-                    "not_found",
-                    &format!("conversation {conversation_id} not found"),
-                    None,
-                    None,
+                _ => (
+                    "error",
+                    server::error(
+                        "not_found",
+                        &format!("conversation {conversation_id} not found"),
+                        None,
+                        None,
+                    ),
                 ),
             },
             ClientFrame::Send {
@@ -412,17 +397,23 @@ impl Connection {
                 client_msg_id,
             } => {
                 if let Err((code, msg)) = check_body(&self.app, &body) {
-                    server::error(code.as_str(), &msg, Some(&client_msg_id), None)
+                    (
+                        "error",
+                        server::error(code.as_str(), &msg, Some(&client_msg_id), None),
+                    )
                 } else if let Err(secs) = self.app.rate.check(&self.user) {
                     self.app
                         .metrics
                         .rate_limited
                         .fetch_add(1, Ordering::Relaxed);
-                    server::error(
-                        "rate_limited",
-                        "too many sends; slow down",
-                        Some(&client_msg_id),
-                        Some(secs),
+                    (
+                        "error",
+                        server::error(
+                            "rate_limited",
+                            "too many sends; slow down",
+                            Some(&client_msg_id),
+                            Some(secs),
+                        ),
                     )
                 } else {
                     let req = SendRequest {
@@ -440,42 +431,51 @@ impl Connection {
                             self.inflight += 1;
                             return Ok(());
                         }
-                        Err(req) => server::error(
-                            "database_unavailable",
-                            "commit lanes stopped",
-                            Some(&req.message.client_msg_id),
-                            Some(1),
+                        Err(req) => (
+                            "error",
+                            server::error(
+                                "database_unavailable",
+                                "commit lanes stopped",
+                                Some(&req.message.client_msg_id),
+                                Some(1),
+                            ),
                         ),
                     }
                 }
             }
         };
-        self.write(Utf8Bytes::from(reply))
+        self.write_control(reply.0, reply.1)
             .await
             .map_err(|_| End::ClientClosed)
     }
 
-    async fn on_reply(&mut self, r: Box<ConnReply>) -> Result<(), WsError> {
+    async fn on_reply(&mut self, r: Box<ConnReply>) -> Result<(), Gone> {
         let frame = match r.result {
-            Ok(a) => server::sent(
-                &r.client_msg_id,
-                r.conversation_id,
-                a.event.seq,
-                a.duplicate,
+            Ok(a) => (
+                "sent",
+                server::sent(
+                    &r.client_msg_id,
+                    r.conversation_id,
+                    a.event.seq,
+                    a.duplicate,
+                ),
             ),
             Err(e) => {
                 if let StoreError::Internal(m) = &e {
                     log::error!("user={} conn={}: send failed: {m}", self.user, self.id);
                 }
                 let f = StoreFailure::from(&e);
-                server::error(
-                    f.code.as_str(),
-                    &f.message,
-                    Some(&r.client_msg_id),
-                    f.retry_after,
+                (
+                    "error",
+                    server::error(
+                        f.code.as_str(),
+                        &f.message,
+                        Some(&r.client_msg_id),
+                        f.retry_after,
+                    ),
                 )
             }
         };
-        self.write(Utf8Bytes::from(frame)).await
+        self.write_control(frame.0, frame.1).await
     }
 }
