@@ -1,6 +1,6 @@
 //! tether behind a real PgBouncer (Debian's 1.18) in transaction mode, in
-//! front of a throwaway cluster: two workers under the supervisor share a
-//! pool of 4 server connections (`--database-pooler transaction`), with
+//! front of a throwaway cluster: two workers share a pool of 4 server
+//! connections (`--database-pooler transaction`), with
 //! LISTEN on a direct connection (`--listen-database-url`). Sends over
 //! REST and WebSocket, fan-out across the two workers, a membership change
 //! and an offline member's catch-up are all gap-free, exactly once and in
@@ -10,7 +10,6 @@
 //! `TETHER_REQUIRE_ALL=1` (as in .ci/run).
 
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::time::Duration;
 use tether_pgcluster::{PgBouncer, PgCluster, PgOptions};
 use tether_testkit::*;
@@ -98,41 +97,28 @@ async fn tether_runs_behind_pgbouncer_in_transaction_mode() {
     .unwrap();
     let direct = cluster.url();
     let pooled = bouncer.url();
-    let tether = ClusterProc::spawn_with(
-        &pooled,
-        TEST_SECRET,
-        2,
-        &[
-            "--database-pooler",
-            "transaction",
-            "--listen-database-url",
-            &direct,
-        ],
-        &[],
-    );
-    let a = tether.addr();
+    // Two workers (two processes, each with its own pools and LISTEN),
+    // each on its own port so that subscribers are on both for sure.
+    let args = [
+        "--database-pooler",
+        "transaction",
+        "--listen-database-url",
+        direct.as_str(),
+    ];
+    let w1 = WorkerProc::spawn(&pooled, TEST_SECRET, &args, &[]);
+    let w2 = WorkerProc::spawn(&pooled, TEST_SECRET, &args, &[]);
+    let a = w1.addr();
 
-    // Subscribers on both workers (the kernel spreads accepts; connect
-    // until both have some).
+    // Subscribers on both workers.
     let c = create_conversation(a, "alice", &["bob", "carol"]).await;
     let mut subs: Vec<(String, WsClient)> = Vec::new();
-    let mut workers: HashMap<String, usize> = HashMap::new();
-    for _ in 0..40 {
-        let mut ws = WsClient::connect(&tether.ws_url(), &tok("bob"))
+    for w in [&w1, &w2, &w1, &w2] {
+        let mut ws = WsClient::connect(&w.ws_url(), &tok("bob"))
             .await
             .expect("connect");
         ws.read_until_synced(T).await;
-        let w = ws.hello.as_ref().unwrap()["worker"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        *workers.entry(w.clone()).or_default() += 1;
-        subs.push((w, ws));
-        if workers.len() == 2 && subs.len() >= 4 {
-            break;
-        }
+        subs.push((w.worker_id().to_string(), ws));
     }
-    assert_eq!(workers.len(), 2, "subscribers on both workers: {workers:?}");
 
     // Sends: REST, with one retry each (exactly once), and WebSocket.
     for i in 0..30 {
@@ -141,7 +127,7 @@ async fn tether_runs_behind_pgbouncer_in_transaction_mode() {
         let again = send(a, "alice", c, &id).await;
         assert_eq!(first["seq"], again["seq"], "a retry is the same event");
     }
-    let mut alice = WsClient::connect(&tether.ws_url(), &tok("alice"))
+    let mut alice = WsClient::connect(&w2.ws_url(), &tok("alice"))
         .await
         .expect("alice");
     alice.read_until_synced(T).await;
@@ -175,7 +161,7 @@ async fn tether_runs_behind_pgbouncer_in_transaction_mode() {
         assert_eq!(got, last);
     }
     // Carol was offline throughout: her backlog is the whole log.
-    let mut carol = WsClient::connect(&tether.ws_url(), &tok("carol"))
+    let mut carol = WsClient::connect(&w2.ws_url(), &tok("carol"))
         .await
         .expect("carol");
     let backlog = carol.read_until_synced(T).await;
@@ -211,6 +197,6 @@ async fn tether_runs_behind_pgbouncer_in_transaction_mode() {
     })
     .await
     .unwrap();
-    drop(tether);
+    drop((w1, w2));
     drop((bouncer, cluster));
 }

@@ -6,7 +6,6 @@
 //! (one `online`), across two hosts, and nothing for non-members.
 
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tether_testkit::*;
 
@@ -73,29 +72,24 @@ async fn presence_during(ws: &mut WsClient, user: &str, d: Duration) -> Vec<Valu
     }
 }
 
-async fn pids_by_worker(addr: std::net::SocketAddr) -> HashMap<String, i32> {
-    let mut pids = HashMap::new();
-    for _ in 0..200 {
-        let h = http(addr, "GET", "/health", None, None).await.json();
-        if let (Some(w), Some(pid)) = (h["worker"].as_str(), h["pid"].as_i64()) {
-            pids.insert(w.to_string(), pid as i32);
-        }
-        if pids.len() == 2 {
-            break;
-        }
-    }
-    pids
+/// The pid of the one worker of the supervisor at `addr`.
+async fn worker_pid(addr: std::net::SocketAddr) -> i32 {
+    let h = http(addr, "GET", "/health", None, None).await.json();
+    h["pid"].as_i64().expect("/health says its pid") as i32
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_typing_and_receipts_across_workers_and_a_worker_kill() {
     let db = TestDb::new_async().await;
-    let tether = ClusterProc::spawn_with(&db.url(), TEST_SECRET, 2, PRESENCE_ARGS, &[]);
-    let a = tether.addr();
+    // Two supervisors of one worker each: alice's worker (under `home`)
+    // and bob's (under `away`) are different processes for sure.
+    let home = ClusterProc::spawn_with(&db.url(), TEST_SECRET, 1, PRESENCE_ARGS, &[]);
+    let away = ClusterProc::spawn_with(&db.url(), TEST_SECRET, 1, PRESENCE_ARGS, &[]);
+    let a = home.addr();
     let c = create_conversation(a, "alice", &["bob"]).await;
 
-    let (mut alice, alice_worker) = connect_where(&tether.ws_url(), "alice", |_| true).await;
-    let (mut bob, bob_worker) = connect_where(&tether.ws_url(), "bob", |w| w != alice_worker).await;
+    let (mut alice, _) = connect_where(&home.ws_url(), "alice", |_| true).await;
+    let (mut bob, _) = connect_where(&away.ws_url(), "bob", |_| true).await;
 
     // bob sees alice online (in his burst after synced, or as a change).
     await_presence(&mut bob, c, "alice", "online").await;
@@ -180,14 +174,13 @@ async fn presence_typing_and_receipts_across_workers_and_a_worker_kill() {
         (Some(c), Some("bob"), Some(2))
     );
 
-    // alice's worker is SIGKILLed; she comes straight back: bob never
-    // sees her offline, even after grace + lease.
-    let pids = pids_by_worker(a).await;
-    let victim = pids[&alice_worker];
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    // alice's worker is SIGKILLed; she comes straight back (to the other
+    // host, the first that answers): bob never sees her offline, even
+    // after grace + lease.
+    unsafe { libc::kill(worker_pid(a).await, libc::SIGKILL) };
     assert!(alice.wait_close(T).await.is_none() || alice.is_closed());
     let mut alice = loop {
-        match WsClient::connect(&tether.ws_url(), &tok("alice")).await {
+        match WsClient::connect(&away.ws_url(), &tok("alice")).await {
             Ok(mut ws) => {
                 ws.read_until_synced(T).await;
                 break ws;
@@ -216,8 +209,12 @@ async fn presence_typing_and_receipts_across_workers_and_a_worker_kill() {
     // A storm: 20 connections of alice at once, over both workers: one
     // `online`.
     let storm: Vec<_> = (0..20)
-        .map(|_| {
-            let url = tether.ws_url();
+        .map(|i| {
+            let url = if i % 2 == 0 {
+                home.ws_url()
+            } else {
+                away.ws_url()
+            };
             tokio::spawn(async move {
                 let mut ws = WsClient::connect(&url, &tok("alice")).await.expect("storm");
                 ws.read_until_synced(T).await;
@@ -235,20 +232,16 @@ async fn presence_typing_and_receipts_across_workers_and_a_worker_kill() {
 
     // Killed and never back: offline within grace + lease (+ a tick),
     // not before the grace period.
-    let pids = pids_by_worker(a).await;
     for ws in &mut storm_clients {
         ws.close(1000).await;
     }
     drop(storm_clients);
-    let (mut alice, alice_worker) =
-        connect_where(&tether.ws_url(), "alice", |w| w != bob_worker).await;
+    // home's worker was replaced after the first kill; alice on it again.
+    let mut home = home;
+    home.wait_ready(T).expect("home ready again");
+    let (mut alice, _) = connect_where(&home.ws_url(), "alice", |_| true).await;
     let _ = presence_during(&mut bob, "alice", Duration::from_millis(1500)).await;
-    let now_pids = pids_by_worker(a).await;
-    let victim = now_pids
-        .get(&alice_worker)
-        .copied()
-        .unwrap_or(pids[&alice_worker]);
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    unsafe { libc::kill(worker_pid(a).await, libc::SIGKILL) };
     let _ = alice.wait_close(T).await;
     let t0 = Instant::now();
     let offline = bob
@@ -274,7 +267,7 @@ async fn presence_typing_and_receipts_across_workers_and_a_worker_kill() {
             });
         panic!(
             "alice never offline after her worker died:\n{state}\n{}",
-            tether.log_tail(40)
+            home.log_tail(40)
         );
     }
     assert!(

@@ -85,6 +85,12 @@ test('over SSE: chat, acks move the cursor, a worker SIGKILLed under the stream 
   await Promise.all([sam.whenSynced(), rita.whenSynced()]);
   assert.equal(rita.transport, 'sse');
   assert.equal(rita.rec.states.find((s) => s.state === 'open').transport, 'sse');
+  // Listening from the start: the receipt of rita's first ack may come
+  // before the cursor check below returns.
+  const typings = [];
+  const reads = [];
+  rita.on('typing', (t) => typings.push(t));
+  sam.on('read', (r) => reads.push(r));
   const { id } = await sam.createConversation({ members: ['rita'], title: 'sse' });
   const first = await sam.send(id, 'hello over SSE');
   assert.equal(first.duplicate, false);
@@ -99,11 +105,11 @@ test('over SSE: chat, acks move the cursor, a worker SIGKILLed under the stream 
   );
   // Typing goes over POST .../typing, and an ack over POST .../cursor is a
   // read receipt: both reach the other member's stream.
-  const typed = new Promise((done) => rita.on('typing', (t) => t.user === 'sam' && done(t)));
-  const read = new Promise((done) => sam.on('read', (r) => r.user === 'rita' && r.seq >= first.seq && done(r)));
   assert.equal(sam.typing(id), true);
-  assert.equal((await typed).conversationId, id);
-  assert.equal((await read).conversationId, id);
+  await waitFor(() => typings.some((t) => t.user === 'sam' && t.conversationId === id), { what: "sam's typing at rita" });
+  await waitFor(() => reads.some((r) => r.user === 'rita' && r.conversationId === id && r.seq >= first.seq), {
+    what: "rita's read receipt at sam",
+  });
   // The same client_msg_id again: the first event, not a second one.
   const again = await sam.send(id, 'hello over SSE', { clientMsgId: first.client_msg_id });
   assert.deepEqual([again.seq, again.duplicate], [first.seq, true]);
