@@ -41,6 +41,8 @@ pub const READ_EVERY: Duration = Duration::from_secs(1);
 /// How often leases are compared with the connections and the grace
 /// periods swept.
 const TICK: Duration = Duration::from_millis(500);
+/// How often long-expired leases are forgotten.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Signals waiting to be published before new ones are dropped.
 const QUEUE: usize = 8192;
 /// How long the publisher gathers signals into one NOTIFY.
@@ -257,6 +259,7 @@ fn run_leases(
     let renew_every = config.lease / 3;
     let mut held: HashSet<Arc<str>> = HashSet::new();
     let mut renewed = Instant::now();
+    let mut purged = Instant::now();
     let publish = |changes: Vec<store::presence::Presence>| {
         for p in changes {
             metrics.presence_changes.fetch_add(1, Ordering::Relaxed);
@@ -311,6 +314,12 @@ fn run_leases(
         match store::presence::sweep(&mut client, config.grace + renew_every) {
             Ok(offline) => publish(offline),
             Err(e) => log::debug!("worker={worker}: presence sweep: {e}"),
+        }
+        if purged.elapsed() >= PURGE_EVERY {
+            purged = Instant::now();
+            if let Err(e) = store::presence::forget_expired(&mut client) {
+                log::debug!("worker={worker}: presence purge: {e}");
+            }
         }
     }
 }

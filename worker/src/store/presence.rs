@@ -112,11 +112,10 @@ pub fn release(client: &mut Client, holder: &str, users: &[String]) -> Result<()
 }
 
 /// The offline transitions due: online users with no live lease, last
-/// seen more than `grace` ago. Also forgets leases long expired.
+/// seen more than `grace` ago.
 pub fn sweep(client: &mut Client, grace: Duration) -> Result<Vec<Presence>, StoreError> {
     let secs = grace.as_secs_f64();
-    let mut tx = client.transaction()?;
-    let gone = presence_rows(&tx.oneshot_query(
+    let gone = presence_rows(&client.oneshot_query(
         &format!(
             "UPDATE presence p SET online = false
              WHERE online AND last_seen < now() - make_interval(secs => $1)
@@ -126,12 +125,16 @@ pub fn sweep(client: &mut Client, grace: Duration) -> Result<Vec<Presence>, Stor
         ),
         &[&secs],
     )?);
-    tx.oneshot_execute(
+    Ok(gone)
+}
+
+/// Forgets leases expired long ago (their workers died): a scan of the
+/// lease table, so run now and then, not at every sweep.
+pub fn forget_expired(client: &mut Client) -> Result<u64, StoreError> {
+    Ok(client.oneshot_execute(
         "DELETE FROM presence_leases WHERE expires_at < now() - interval '10 minutes'",
         &[],
-    )?;
-    tx.commit()?;
-    Ok(gone)
+    )?)
 }
 
 /// The conversations of `user` with at most `max_members` members: where
