@@ -367,3 +367,56 @@ async fn non_members_see_no_presence_and_cannot_type() {
         "a forged signal was believed: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_stop_at_their_member_limit() {
+    let db = TestDb::new_async().await;
+    let mut args = PRESENCE_ARGS.to_vec();
+    args.extend(["--read-receipts-max-members", "1"]);
+    let w = WorkerProc::spawn(&db.url(), TEST_SECRET, &args, &[]);
+    let c = create_conversation(w.addr(), "alice", &["bob"]).await;
+    let (mut alice, _) = ws_connect(&w, "alice").await;
+    let (mut bob, _) = ws_connect(&w, "bob").await;
+    // Typing still goes (its limit is --presence-push-max-members)...
+    bob.send_json(&json!({"type": "typing", "conversation_id": c}))
+        .await;
+    alice
+        .recv_until(T, |v| v["type"] == "typing")
+        .await
+        .expect("typing in a conversation of 2");
+    // ...but bob's ack gives alice no receipt in a conversation of 2 > 1;
+    // the REST view has it.
+    bob.send_json(&json!({"type": "ack", "conversation_id": c, "seq": 1}))
+        .await;
+    let sql =
+        format!("SELECT cursor_seq FROM members WHERE conversation_id = {c} AND user_id = 'bob'");
+    assert!(
+        wait_until_async(T, Duration::from_millis(20), || async {
+            db.query_i64_async(&sql).await == 1
+        })
+        .await
+    );
+    assert!(
+        alice
+            .recv_until(Duration::from_secs(2), |v| v["type"] == "read")
+            .await
+            .is_none(),
+        "a receipt above the limit"
+    );
+    let r = http(
+        w.addr(),
+        "GET",
+        &format!("/v1/conversations/{c}/presence"),
+        Some(&tok("alice")),
+        None,
+    )
+    .await;
+    let bob_row = r.json()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user"] == "bob")
+        .cloned()
+        .unwrap();
+    assert_eq!(bob_row["read_seq"], 1);
+}

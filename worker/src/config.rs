@@ -309,7 +309,7 @@ pub struct WorkerOptions {
         value_parser = clap::value_parser!(u64).range(3..)
     )]
     pub presence_lease_secs: u64,
-    /// Presence, typing and read receipts are pushed in conversations of
+    /// Presence and typing are pushed in conversations of
     /// at most this many members (larger ones: GET
     /// /v1/conversations/{id}/presence).
     #[arg(
@@ -319,6 +319,17 @@ pub struct WorkerOptions {
         default_value_t = 200
     )]
     pub presence_push_max_members: u64,
+    /// Read receipts are pushed in conversations of at most this many
+    /// members: each goes to every other member, so their cost grows with
+    /// the square of the size (larger ones: `read_seq` in GET
+    /// /v1/conversations/{id}/presence).
+    #[arg(
+        long,
+        env = "TETHER_READ_RECEIPTS_MAX_MEMBERS",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub read_receipts_max_members: u64,
 }
 
 /// `--demo`'s values: on/1/true/yes and off/0/false/no.
@@ -530,6 +541,7 @@ impl WorkerArgs {
                 grace: Duration::from_secs(o.presence_grace_secs),
                 lease: Duration::from_secs(o.presence_lease_secs),
                 push_max_members: o.presence_push_max_members.min(i64::MAX as u64) as i64,
+                receipts_max_members: o.read_receipts_max_members.min(i64::MAX as u64) as i64,
             },
         }
     }

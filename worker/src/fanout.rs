@@ -330,17 +330,22 @@ impl Shell {
             return;
         }
         let (pool, counts, tx) = (self.pool.clone(), self.counts.clone(), self.self_tx.clone());
-        let max = self.presence.push_max_members;
-        tokio::task::spawn_blocking(move || match relay::inputs(&pool, &counts, signals, max) {
-            Ok(inputs) => {
-                for input in inputs {
-                    if tx.blocking_send(Msg::Rules(input)).is_err() {
-                        return;
+        let reach = relay::Reach {
+            push_max: self.presence.push_max_members,
+            receipts_max: self.presence.receipts_max_members,
+        };
+        tokio::task::spawn_blocking(
+            move || match relay::inputs(&pool, &counts, signals, reach) {
+                Ok(inputs) => {
+                    for input in inputs {
+                        if tx.blocking_send(Msg::Rules(input)).is_err() {
+                            return;
+                        }
                     }
                 }
-            }
-            Err(e) => log::debug!("presence: signals not relayed: {e}"),
-        });
+                Err(e) => log::debug!("presence: signals not relayed: {e}"),
+            },
+        );
     }
 
     fn perform(&mut self, action: Action) {

@@ -60,9 +60,11 @@ pub struct PresenceConfig {
     pub grace: Duration,
     /// A lease not renewed for this long has expired (its worker died).
     pub lease: Duration,
-    /// Presence, typing and receipts are pushed in conversations of at
-    /// most this many members.
+    /// Presence and typing are pushed in conversations of at most this
+    /// many members.
     pub push_max_members: i64,
+    /// Read receipts are pushed in conversations of at most this many.
+    pub receipts_max_members: i64,
 }
 
 /// The handle connections and the cursor writer publish through.

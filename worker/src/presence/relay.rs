@@ -80,20 +80,21 @@ impl Throttle {
 }
 
 /// Conversations' member counts, remembered for a while (typing and read
-/// receipts are pushed only in conversations of at most
-/// `--presence-push-max-members`).
+/// receipts are pushed only in conversations small enough, see [`Reach`]).
 #[derive(Default)]
 pub struct MemberCounts {
     counts: Mutex<HashMap<i64, (i64, Instant)>>,
 }
 
 impl MemberCounts {
-    fn small(
+    /// The member count of each of `conversations` (counted up to
+    /// `max + 1`), from memory when recent.
+    fn of(
         &self,
         client: &mut postgres::Client,
         conversations: &[i64],
         max: i64,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<HashMap<i64, i64>, StoreError> {
         let now = Instant::now();
         let mut known = HashMap::new();
         let mut unknown = Vec::new();
@@ -121,44 +122,48 @@ impl MemberCounts {
                 known.insert(c, n);
             }
         }
-        Ok(conversations
-            .iter()
-            .copied()
-            .filter(|c| known.get(c).is_some_and(|n| *n <= max))
-            .collect())
+        Ok(known)
     }
 }
 
-/// The dispatcher inputs of `signals` (blocking: reads the database):
-/// a presence change in each of the user's conversations of at most `max`
-/// members, typing and read receipts in conversations of at most `max`.
+/// How far each kind of signal is pushed: presence and typing in
+/// conversations of at most `push_max` members, read receipts in those of
+/// at most `receipts_max` (a receipt goes to every other member, so its
+/// cost grows with the square of the conversation's size).
+#[derive(Debug, Clone, Copy)]
+pub struct Reach {
+    pub push_max: i64,
+    pub receipts_max: i64,
+}
+
+/// The dispatcher inputs of `signals` (blocking: reads the database).
 pub fn inputs(
     pool: &Pool,
     counts: &Arc<MemberCounts>,
     signals: Vec<Signal>,
-    max: i64,
+    reach: Reach,
 ) -> Result<Vec<Input>, StoreError> {
     let mut client = pool.get()?;
     let mut inputs = Vec::new();
-    let small: Vec<i64> = {
-        let cs: Vec<i64> = signals
-            .iter()
-            .filter_map(|s| match s {
-                Signal::Typing {
-                    conversation_id, ..
-                }
-                | Signal::Read {
-                    conversation_id, ..
-                } => Some(*conversation_id),
-                Signal::Presence { .. } => None,
-            })
-            .collect();
-        if cs.is_empty() {
-            vec![]
-        } else {
-            counts.small(&mut client, &cs, max)?
-        }
+    let cs: Vec<i64> = signals
+        .iter()
+        .filter_map(|s| match s {
+            Signal::Typing {
+                conversation_id, ..
+            }
+            | Signal::Read {
+                conversation_id, ..
+            } => Some(*conversation_id),
+            Signal::Presence { .. } => None,
+        })
+        .collect();
+    let sizes = if cs.is_empty() {
+        HashMap::new()
+    } else {
+        let most = reach.push_max.max(reach.receipts_max);
+        counts.of(&mut client, &cs, most)?
     };
+    let within = |c: &i64, max: i64| sizes.get(c).is_some_and(|n| *n <= max);
     for s in signals {
         let about: Arc<str> = Arc::from(s.user());
         match s {
@@ -167,6 +172,7 @@ pub fn inputs(
                 online,
                 last_seen,
             } => {
+                let max = reach.push_max;
                 for c in store::presence::pushed_conversations(&mut client, &user, max)? {
                     inputs.push(Input::Signal {
                         conversation_id: c,
@@ -178,7 +184,7 @@ pub fn inputs(
             Signal::Typing {
                 conversation_id,
                 user,
-            } if small.contains(&conversation_id) => inputs.push(Input::Signal {
+            } if within(&conversation_id, reach.push_max) => inputs.push(Input::Signal {
                 conversation_id,
                 about,
                 text: Utf8Bytes::from(server::typing(conversation_id, &user)),
@@ -187,7 +193,7 @@ pub fn inputs(
                 conversation_id,
                 user,
                 seq,
-            } if small.contains(&conversation_id) => inputs.push(Input::Signal {
+            } if within(&conversation_id, reach.receipts_max) => inputs.push(Input::Signal {
                 conversation_id,
                 about,
                 text: Utf8Bytes::from(server::read(conversation_id, &user, seq)),
