@@ -460,6 +460,12 @@ impl Report {
         self.json.insert(key.to_string(), value);
     }
 
+    /// A figure shown one way in the table and stored another in the JSON.
+    pub fn put_shown(&mut self, key: &str, label: &str, shown: String, value: Value) {
+        self.rows.push((label.to_string(), shown));
+        self.json.insert(key.to_string(), value);
+    }
+
     /// A percentile set (ms).
     pub fn put_latency(&mut self, key: &str, label: &str, samples: &mut [u32]) {
         let p = percentiles(samples);
