@@ -42,10 +42,10 @@ gaps, duplicates after dedup, delivered != expected, lost events):
                tether's ratio. --shape fanout,max-rate,write,connections
                [all]: fanout at --rate (p50/p99 publish->receipt, server
                CPU incl. PostgreSQL); max-rate: the same ramped from
-               --ramp-start [200/50] x--ramp-factor [1.25] per --step s
-               [5/1], at most --ramp-steps [16/2], until p99 > --p99-limit
+               --ramp-start [100/50] x--ramp-factor [1.25] per --step s
+               [5/1], at most --ramp-steps [20/2], until p99 > --p99-limit
                ms [100] or anything lost; write: --write-clients [2000/40]
-               in rooms of 2, ramped from --write-ramp-start [1000/50];
+               in rooms of 2, ramped from --write-ramp-start [500/50];
                connections: --conn-clients [10000/300] in rooms of
                --conn-members [1000/100]: time until synced, RSS each.
                Subscribers ack once a second. Defaults: --clients

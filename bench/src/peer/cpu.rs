@@ -49,9 +49,18 @@ impl CpuSample {
         }
     }
 
-    /// Cores used per group since `start` (same order).
-    pub fn cores(&self) -> Vec<(String, f64)> {
-        let secs = self.at.elapsed().as_secs_f64().max(1e-3);
+    /// Processes per group (same order).
+    pub fn counts(&self) -> Vec<usize> {
+        self.groups.iter().map(|(_, p, _)| p.len()).collect()
+    }
+
+    /// CPU time used per group since `start` (same order), divided by
+    /// `over` (e.g. the sending period: the cores it takes to keep up
+    /// with that load, work left over for the drain included).
+    pub fn cores(&self, over: Option<f64>) -> Vec<(String, f64)> {
+        let secs = over
+            .unwrap_or_else(|| self.at.elapsed().as_secs_f64())
+            .max(1e-3);
         let hz = tick_rate();
         self.groups
             .iter()

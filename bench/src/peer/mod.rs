@@ -3,7 +3,8 @@
 //! both figures and tether's ratio to Nchan. Shapes:
 //! - `fanout`: --clients subscribers in rooms of --members, --rate msg/s
 //!   for --duration: publish-to-receipt p50/p99, server CPU (tether's
-//!   workers and its PostgreSQL; nginx's master and workers);
+//!   workers and its PostgreSQL; nginx's master and workers: CPU time until
+//!   everything is delivered, over the sending period);
 //! - `max-rate`: the same shape ramped (--ramp-start, ×--ramp-factor per
 //!   --step seconds) until p99 > --p99-limit ms or anything is lost;
 //! - `write`: rooms of 2 (--write-clients subscribers), ramped the same way;
@@ -80,10 +81,10 @@ impl PeerOpts {
             },
             step: Duration::from_secs_f64(num("step", pick(5.0, 1.0))?),
             drain: Duration::from_secs_f64(num("step-drain", 5.0)?),
-            ramp_start: num("ramp-start", pick(200.0, 50.0))?,
-            write_ramp_start: num("write-ramp-start", pick(1000.0, 50.0))?,
+            ramp_start: num("ramp-start", pick(100.0, 50.0))?,
+            write_ramp_start: num("write-ramp-start", pick(500.0, 50.0))?,
             ramp_factor: num("ramp-factor", 1.25)?.max(1.01),
-            ramp_steps: num("ramp-steps", pick(16.0, 2.0))? as usize,
+            ramp_steps: num("ramp-steps", pick(20.0, 2.0))? as usize,
             p99_limit_ms: num("p99-limit", 100.0)?,
             write_clients: num("write-clients", pick(2000.0, 40.0))? as usize,
             conn_clients: num("conn-clients", pick(10000.0, 300.0))? as usize,
@@ -183,7 +184,12 @@ async fn fanout(b: &Both<'_>, report: &mut Report) -> Result<(), String> {
         let (mut side, _) = b.side(tether, shape, "f", true).await?;
         let cpu = CpuSample::start(b.cpu_groups(tether));
         let mut step = side.step(b.o.rate, b.o.duration, b.o.drain_timeout).await;
-        let cores = cpu.cores();
+        let cores: Vec<(String, f64, usize)> = cpu
+            .cores(Some(b.o.duration.as_secs_f64()))
+            .into_iter()
+            .zip(cpu.counts())
+            .map(|((n, c), k)| (n, c, k))
+            .collect();
         side.close();
         eprintln!(
             "tether-bench peer fanout {}: {} published, {}/{} delivered, p99 {} ms",
@@ -224,7 +230,7 @@ async fn fanout(b: &Both<'_>, report: &mut Report) -> Result<(), String> {
         p(&mut ns.latencies_us, "p99"),
         "ms",
     );
-    let sum = |c: &[(String, f64)]| c.iter().map(|(_, v)| v).sum::<f64>();
+    let sum = |c: &[(String, f64, usize)]| c.iter().map(|(_, v, _)| v).sum::<f64>();
     pair(
         report,
         "fanout_cpu_cores",
@@ -233,7 +239,10 @@ async fn fanout(b: &Both<'_>, report: &mut Report) -> Result<(), String> {
         sum(&nc),
         "cores",
     );
-    let split: Vec<String> = tc.iter().map(|(n, v)| format!("{n} {:.2}", v)).collect();
+    let split: Vec<String> = tc
+        .iter()
+        .map(|(n, v, k)| format!("{n} {v:.2} ({k} processes)"))
+        .collect();
     report.put(
         "fanout_tether_cpu_split",
         "fanout: tether CPU split (cores)",
