@@ -303,8 +303,8 @@ async fn ramp(
             let mut s = side.step(rate, po.step, po.drain).await;
             let p99 = p(&mut s.latencies_us, "p99");
             eprintln!(
-                "tether-bench peer {key} {}: {rate:.0} msg/s: {} published, {}/{} delivered, {} lost, {} failed, p99 {p99} ms",
-                side.name(), s.published, s.delivered, s.expected, s.missing, s.failed
+                "tether-bench peer {key} {}: {rate:.0} msg/s ({:.0} published/s): {} published, {}/{} delivered, {} lost, {} failed, p99 {p99} ms",
+                side.name(), s.published as f64 / po.step.as_secs_f64(), s.published, s.delivered, s.expected, s.missing, s.failed
             );
             if tether && (s.duplicates > 0 || s.gaps > 0) {
                 report.check(
@@ -322,7 +322,9 @@ async fn ramp(
                 );
                 break;
             }
-            best[k] = rate;
+            // What was published, not the target: a step of a few seconds
+            // at a fraction of a message per second per room rounds.
+            best[k] = s.published as f64 / po.step.as_secs_f64();
             rate *= po.ramp_factor;
         }
         if tether {
@@ -435,17 +437,22 @@ pub async fn run(
         )),
     );
     for s in &po.shapes {
-        match s.as_str() {
-            "fanout" => fanout(&b, &mut report).await?,
+        let r = match s.as_str() {
+            "fanout" => fanout(&b, &mut report).await,
             "max-rate" => {
                 let shape = b.shape(o.clients, o.members);
-                ramp(&b, &mut report, po, "max_rate", shape, po.ramp_start).await?
+                ramp(&b, &mut report, po, "max_rate", shape, po.ramp_start).await
             }
             "write" => {
                 let shape = b.shape(po.write_clients, 2);
-                ramp(&b, &mut report, po, "write", shape, po.write_ramp_start).await?
+                ramp(&b, &mut report, po, "write", shape, po.write_ramp_start).await
             }
-            _ => connections(&b, &mut report, po).await?,
+            _ => connections(&b, &mut report, po).await,
+        };
+        // One shape's setup failing does not hide the others' figures.
+        if let Err(e) = r {
+            eprintln!("tether-bench peer {s}: {e}");
+            report.check(false, format!("{s}: {e}"));
         }
     }
     Ok(report)

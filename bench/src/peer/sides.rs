@@ -102,11 +102,17 @@ impl TetherSide {
     ) -> Result<(TetherSide, Duration), String> {
         let rooms = shape.rooms();
         let user = |kind: &str, i: usize| t.user(&format!("{tag}{kind}"), i);
+        // With senders, each room's sender creates it; without, its first
+        // reader does (the creator counts toward the initial members).
         let specs = (0..rooms)
             .map(|c| {
                 let lo = c * shape.members;
                 let hi = ((c + 1) * shape.members).min(shape.clients);
-                (user("s", c), (lo..hi).map(|i| user("r", i)).collect())
+                if senders {
+                    (user("s", c), (lo..hi).map(|i| user("r", i)).collect())
+                } else {
+                    (user("r", lo), (lo + 1..hi).map(|i| user("r", i)).collect())
+                }
             })
             .collect();
         let convs = create_conversations(t, specs).await?;
