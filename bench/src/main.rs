@@ -48,6 +48,8 @@ gaps, duplicates after dedup, delivered != expected, lost events):
                in rooms of 2, ramped from --write-ramp-start [500/50];
                connections: --conn-clients [10000/300] in rooms of
                --conn-members [1000/100]: time until synced, RSS each.
+               --systems tether: tether alone (no nginx). fanout and
+               the ramps start with --warmup s [3/0.5] of unmeasured load.
                Subscribers ack once a second. Defaults: --clients
                1000/100, --members 100/10, --rate 1000/50
 
@@ -448,13 +450,15 @@ fn run(o: Opts) -> Result<bool, String> {
         "peer" => {
             let po = peer_opts.as_ref().ok_or("peer options")?;
             let nchan = peer::start_nchan(po)?;
-            eprintln!(
-                "tether-bench: started nginx + Nchan (pid {}) on port {}",
-                nchan.pid(),
-                nchan.port
-            );
+            if let Some(n) = &nchan {
+                eprintln!(
+                    "tether-bench: started nginx + Nchan (pid {}) on port {}",
+                    n.pid(),
+                    n.port
+                );
+            }
             let rt = runtime();
-            let r = rt.block_on(peer::run(&o, po, &t, cluster.as_ref(), &nchan))?;
+            let r = rt.block_on(peer::run(&o, po, &t, cluster.as_ref(), nchan.as_ref()))?;
             rt.shutdown_timeout(Duration::from_millis(500));
             drop(nchan);
             r

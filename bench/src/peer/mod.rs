@@ -37,11 +37,16 @@ pub struct PeerOpts {
     nginx: NchanOptions,
     step: Duration,
     drain: Duration,
+    /// Unmeasured load first (fresh connections, cold caches and
+    /// statements), on both systems alike.
+    warmup: Duration,
     ramp_start: f64,
     write_ramp_start: f64,
     ramp_factor: f64,
     ramp_steps: usize,
     p99_limit_ms: f64,
+    /// `--systems tether`: tether alone (e.g. presence on vs off).
+    pub tether_only: bool,
     write_clients: usize,
     conn_clients: usize,
     conn_members: usize,
@@ -81,11 +86,17 @@ impl PeerOpts {
             },
             step: Duration::from_secs_f64(num("step", pick(5.0, 1.0))?),
             drain: Duration::from_secs_f64(num("step-drain", 5.0)?),
+            warmup: Duration::from_secs_f64(num("warmup", pick(3.0, 0.5))?),
             ramp_start: num("ramp-start", pick(100.0, 50.0))?,
             write_ramp_start: num("write-ramp-start", pick(500.0, 50.0))?,
             ramp_factor: num("ramp-factor", 1.25)?.max(1.01),
             ramp_steps: num("ramp-steps", pick(20.0, 2.0))? as usize,
             p99_limit_ms: num("p99-limit", 100.0)?,
+            tether_only: match get("systems").as_deref() {
+                None | Some("both") => false,
+                Some("tether") => true,
+                Some(v) => return Err(format!("--systems: both or tether, not {v:?}")),
+            },
             write_clients: num("write-clients", pick(2000.0, 40.0))? as usize,
             conn_clients: num("conn-clients", pick(10000.0, 300.0))? as usize,
             conn_members: num("conn-members", pick(1000.0, 100.0))? as usize,
@@ -122,7 +133,8 @@ struct Both<'a> {
     o: &'a Opts,
     t: &'a Target,
     cluster: Option<&'a Cluster>,
-    nchan: &'a Nchan,
+    /// None with `--systems tether`.
+    nchan: Option<&'a Nchan>,
 }
 
 impl Both<'_> {
@@ -147,7 +159,8 @@ impl Both<'_> {
             let (s, d) = TetherSide::setup(self.t, shape, tag, senders).await?;
             Ok((Side::Tether(s), d))
         } else {
-            let (s, d) = NchanSide::setup(self.nchan, shape, tag, &self.t.prefix).await?;
+            let n = self.nchan.ok_or("Nchan is not running")?;
+            let (s, d) = NchanSide::setup(n, shape, tag, &self.t.prefix).await?;
             Ok((Side::Nchan(s), d))
         }
     }
@@ -163,7 +176,10 @@ impl Both<'_> {
                 None => Vec::new(),
             }
         } else {
-            vec![("nginx".into(), self.nchan.pids())]
+            vec![(
+                "nginx".into(),
+                self.nchan.map(Nchan::pids).unwrap_or_default(),
+            )]
         }
     }
 
@@ -171,17 +187,30 @@ impl Both<'_> {
         if tether {
             self.cluster.map(|c| c.server_pids()).unwrap_or_default()
         } else {
-            self.nchan.pids()
+            self.nchan.map(Nchan::pids).unwrap_or_default()
+        }
+    }
+
+    /// tether (true) and, unless skipped, Nchan (false).
+    fn systems(&self) -> Vec<bool> {
+        if self.nchan.is_some() {
+            vec![true, false]
+        } else {
+            vec![true]
         }
     }
 }
 
 /// Fixed rate: latency percentiles, CPU, delivered.
-async fn fanout(b: &Both<'_>, report: &mut Report) -> Result<(), String> {
+async fn fanout(b: &Both<'_>, report: &mut Report, po: &PeerOpts) -> Result<(), String> {
     let shape = b.shape(b.o.clients, b.o.members);
     let mut res = Vec::new();
-    for tether in [true, false] {
+    for tether in b.systems() {
         let (mut side, _) = b.side(tether, shape, "f", true).await?;
+        let warm = side.step(b.o.rate, po.warmup, b.o.drain_timeout).await;
+        if tether {
+            check_order(report, "fanout warmup", &warm);
+        }
         let cpu = CpuSample::start(b.cpu_groups(tether));
         let mut step = side.step(b.o.rate, b.o.duration, b.o.drain_timeout).await;
         let cores: Vec<(String, f64, usize)> = cpu
@@ -200,6 +229,9 @@ async fn fanout(b: &Both<'_>, report: &mut Report) -> Result<(), String> {
             p(&mut step.latencies_us, "p99")
         );
         res.push((step, cores));
+    }
+    if res.len() < 2 {
+        res.push((Step::default(), Vec::new()));
     }
     let (mut ts, tc) = res.remove(0);
     let (mut ns, nc) = res.remove(0);
@@ -257,8 +289,21 @@ async fn fanout(b: &Both<'_>, report: &mut Report) -> Result<(), String> {
         "events",
     );
     check_step(report, "fanout", "tether", &ts);
-    check_step(report, "fanout", "Nchan", &ns);
+    if b.nchan.is_some() {
+        check_step(report, "fanout", "Nchan", &ns);
+    }
     Ok(())
+}
+
+/// tether, always: no gap, no duplicate.
+fn check_order(report: &mut Report, what: &str, s: &Step) {
+    report.check(
+        s.duplicates == 0 && s.gaps == 0,
+        format!(
+            "{what}: tether: {} duplicates, {} gaps",
+            s.duplicates, s.gaps
+        ),
+    );
 }
 
 fn check_step(report: &mut Report, shape: &str, who: &str, s: &Step) {
@@ -296,8 +341,12 @@ async fn ramp(
 ) -> Result<(), String> {
     let mut best = [0.0f64; 2];
     let mut stop = [String::new(), String::new()];
-    for (k, tether) in [true, false].into_iter().enumerate() {
+    for (k, tether) in b.systems().into_iter().enumerate() {
         let (mut side, _) = b.side(tether, shape, &key[..1], true).await?;
+        let warm = side.step(start, po.warmup, po.drain).await;
+        if tether {
+            check_order(report, &format!("{key} warmup"), &warm);
+        }
         let mut rate = start;
         for _ in 0..po.ramp_steps {
             let mut s = side.step(rate, po.step, po.drain).await;
@@ -371,7 +420,7 @@ async fn ramp(
 async fn connections(b: &Both<'_>, report: &mut Report, po: &PeerOpts) -> Result<(), String> {
     let shape = b.shape(po.conn_clients, po.conn_members);
     let mut res = Vec::new();
-    for tether in [true, false] {
+    for tether in b.systems() {
         let before = server_rss(&b.rss_pids(tether));
         let (side, synced) = b.side(tether, shape, "c", false).await?;
         let after = server_rss(&b.rss_pids(tether));
@@ -383,6 +432,9 @@ async fn connections(b: &Both<'_>, report: &mut Report, po: &PeerOpts) -> Result
         );
         res.push((synced, per));
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if res.len() < 2 {
+        res.push((Duration::ZERO, 0.0));
     }
     report.put(
         "connections_shape",
@@ -419,7 +471,7 @@ pub async fn run(
     po: &PeerOpts,
     t: &Target,
     cluster: Option<&Cluster>,
-    nchan: &Nchan,
+    nchan: Option<&Nchan>,
 ) -> Result<Report, String> {
     let mut report = Report::new("peer");
     let b = Both {
@@ -428,17 +480,14 @@ pub async fn run(
         cluster,
         nchan,
     };
-    report.put(
-        "nchan",
-        "Nchan",
-        json!(format!(
-            "nginx {} workers, port {}",
-            po.nginx.workers, nchan.port
-        )),
-    );
+    let about = match nchan {
+        Some(n) => format!("nginx {} workers, port {}", po.nginx.workers, n.port),
+        None => "not run (--systems tether)".into(),
+    };
+    report.put("nchan", "Nchan", json!(about));
     for s in &po.shapes {
         let r = match s.as_str() {
-            "fanout" => fanout(&b, &mut report).await,
+            "fanout" => fanout(&b, &mut report, po).await,
             "max-rate" => {
                 let shape = b.shape(o.clients, o.members);
                 ramp(&b, &mut report, po, "max_rate", shape, po.ramp_start).await
@@ -459,6 +508,9 @@ pub async fn run(
 }
 
 /// Starts nginx + Nchan (blocking; before the runtime).
-pub fn start_nchan(po: &PeerOpts) -> Result<Nchan, String> {
-    Nchan::start(&po.nginx)
+pub fn start_nchan(po: &PeerOpts) -> Result<Option<Nchan>, String> {
+    if po.tether_only {
+        return Ok(None);
+    }
+    Nchan::start(&po.nginx).map(Some)
 }
