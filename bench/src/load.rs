@@ -129,6 +129,9 @@ pub struct ReaderState {
     /// First synced after this (µs) is recorded in `resynced_us`.
     pub watch_from_us: AtomicU64,
     pub resynced_us: AtomicU64,
+    /// `read` and `presence` frames received (what presence costs).
+    pub read_frames: AtomicU64,
+    pub presence_frames: AtomicU64,
 }
 
 /// A client whose events are consumed by a task that records them.
@@ -178,6 +181,12 @@ impl Reader {
                         st.synced.fetch_add(1, Ordering::Relaxed);
                     }
                     ClientEvent::Hello { worker, .. } => *st.worker.lock().unwrap() = worker,
+                    ClientEvent::Read { .. } => {
+                        st.read_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ClientEvent::Presence { .. } => {
+                        st.presence_frames.fetch_add(1, Ordering::Relaxed);
+                    }
                     ClientEvent::Error(ClientError::Gap { .. }) => {
                         st.gaps.fetch_add(1, Ordering::Relaxed);
                     }

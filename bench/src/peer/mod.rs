@@ -292,6 +292,16 @@ async fn fanout(b: &Both<'_>, report: &mut Report, po: &PeerOpts) -> Result<(), 
     if b.nchan.is_some() {
         check_step(report, "fanout", "Nchan", &ns);
     }
+    let secs = b.o.duration.as_secs_f64().max(1e-3);
+    report.put(
+        "fanout_tether_signals_per_s",
+        "fanout: tether read / presence frames received per s",
+        json!(format!(
+            "{:.0} / {:.0}",
+            ts.read_frames as f64 / secs,
+            ts.presence_frames as f64 / secs
+        )),
+    );
     Ok(())
 }
 
@@ -362,6 +372,13 @@ async fn ramp(
                         "{key}: tether: {} duplicates, {} gaps at {rate:.0} msg/s",
                         s.duplicates, s.gaps
                     ),
+                );
+            }
+            if tether {
+                eprintln!(
+                    "tether-bench peer {key} tether: {:.0} read frames/s, {:.0} presence frames/s",
+                    s.read_frames as f64 / po.step.as_secs_f64(),
+                    s.presence_frames as f64 / po.step.as_secs_f64()
                 );
             }
             if !s.clean() || p99 > po.p99_limit_ms {

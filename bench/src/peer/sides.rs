@@ -43,6 +43,9 @@ pub struct Step {
     pub duplicates: u64,
     pub gaps: u64,
     pub latencies_us: Vec<u32>,
+    /// tether: `read` / `presence` frames the subscribers got in the step.
+    pub read_frames: u64,
+    pub presence_frames: u64,
 }
 
 impl Step {
@@ -60,6 +63,7 @@ pub struct TetherSide {
     base_delivered: u64,
     base_gaps: u64,
     base_dups: u64,
+    base_signals: (u64, u64),
     body: usize,
 }
 
@@ -149,9 +153,19 @@ impl TetherSide {
             base_delivered: 0,
             base_gaps: 0,
             base_dups: 0,
+            base_signals: (0, 0),
             body: shape.body,
         };
         Ok((side, synced))
+    }
+
+    fn signals(&self) -> (u64, u64) {
+        self.readers.iter().fold((0, 0), |(r, p), x| {
+            (
+                r + x.state.read_frames.load(Ordering::Relaxed),
+                p + x.state.presence_frames.load(Ordering::Relaxed),
+            )
+        })
     }
 }
 
@@ -290,7 +304,10 @@ impl TetherSide {
             .sum();
         wait_for(drain, || self.tally().1 == 0).await;
         let (got, missing, gaps, dups) = self.tally();
+        let signals = self.signals();
         let step = Step {
+            read_frames: signals.0 - self.base_signals.0,
+            presence_frames: signals.1 - self.base_signals.1,
             published: totals.acked,
             failed: totals.failed + totals.outbox_full,
             delivered: got - self.base_delivered,
@@ -306,6 +323,7 @@ impl TetherSide {
         };
         self.base_delivered = got;
         self.base_gaps = gaps;
+        self.base_signals = signals;
         self.base_dups = dups;
         step
     }
@@ -363,6 +381,8 @@ impl NchanSide {
             missing,
             duplicates: dups - self.base_dups,
             gaps: 0,
+            read_frames: 0,
+            presence_frames: 0,
             latencies_us: self.subs.iter().flat_map(|s| s.flush_latencies()).collect(),
         };
         self.base_delivered = got;
