@@ -111,11 +111,17 @@ fn pair(report: &mut Report, key: &str, label: &str, tether: f64, nchan: f64, un
     } else {
         0.0
     };
-    let shown = format!(
-        "tether {} · Nchan {} · tether/Nchan {ratio}×",
-        round3(tether),
-        round3(nchan)
-    );
+    // Nchan at 0: not run (--systems tether), or nothing passed.
+    let nchan = nchan.max(0.0);
+    let shown = if nchan > 0.0 {
+        format!(
+            "tether {} · Nchan {} · tether/Nchan {ratio}×",
+            round3(tether),
+            round3(nchan)
+        )
+    } else {
+        format!("tether {} · Nchan 0", round3(tether))
+    };
     report.put_shown(
         key,
         label,
