@@ -181,14 +181,16 @@ pub struct WorkerOptions {
         default_value_t = 2
     )]
     pub commit_lanes: usize,
-    /// Threads of each worker's async runtime (0: one per core). With as
-    /// many worker processes as cores, 1 spares the cross-thread wakeups
-    /// (one event loop per process, the nginx model).
+    /// Threads of each worker's async runtime (0: one per core). The
+    /// default, 1, is one event loop per process with as many worker
+    /// processes as cores (the supervisor's default), the nginx model: no
+    /// cross-thread wakeups. Database calls run on the blocking pool
+    /// either way.
     #[arg(
         long,
         env = "TETHER_RUNTIME_THREADS",
         value_name = "N",
-        default_value_t = 0
+        default_value_t = 1
     )]
     pub runtime_threads: usize,
     /// Most messages in one group commit (0 counts as 1).
