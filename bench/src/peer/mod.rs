@@ -356,7 +356,10 @@ async fn ramp(
     start: f64,
 ) -> Result<(), String> {
     let mut best = [0.0f64; 2];
-    let mut stop = [String::new(), String::new()];
+    let mut stop = [
+        format!("none in {} steps", po.ramp_steps),
+        format!("none in {} steps", po.ramp_steps),
+    ];
     for (k, tether) in b.systems().into_iter().enumerate() {
         let (mut side, _) = b.side(tether, shape, &key[..1], true).await?;
         let warm = side.step(start, po.warmup, po.drain).await;
@@ -434,7 +437,15 @@ async fn ramp(
     report.put(
         &format!("{key}_stop"),
         &format!("{key}: first step over (tether | Nchan)"),
-        json!(format!("{} | {}", stop[0], stop[1])),
+        json!(format!(
+            "{} | {}",
+            stop[0],
+            if b.nchan.is_some() {
+                &stop[1]
+            } else {
+                "not run"
+            }
+        )),
     );
     Ok(())
 }
