@@ -80,7 +80,7 @@ mod tempfile_dir {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -202,6 +202,25 @@ impl Cluster {
             .iter()
             .map(|p| format!("http://{}", p.addr))
             .collect()
+    }
+
+    /// The private PostgreSQL's processes (the postmaster and its
+    /// children), if the bench started one.
+    pub fn pg_pids(&self) -> Vec<i32> {
+        let Some(pg) = &self._pg else {
+            return Vec::new();
+        };
+        let pid = std::fs::read_to_string(pg.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        match pid {
+            Some(p) => {
+                let mut v = vec![p];
+                v.extend(children_of(p));
+                v
+            }
+            None => Vec::new(),
+        }
     }
 
     /// The server's processes: the supervisor and its children, or the

@@ -129,6 +129,9 @@ pub struct ReaderState {
     /// First synced after this (µs) is recorded in `resynced_us`.
     pub watch_from_us: AtomicU64,
     pub resynced_us: AtomicU64,
+    /// `read` and `presence` frames received (what presence costs).
+    pub read_frames: AtomicU64,
+    pub presence_frames: AtomicU64,
 }
 
 /// A client whose events are consumed by a task that records them.
@@ -178,6 +181,12 @@ impl Reader {
                         st.synced.fetch_add(1, Ordering::Relaxed);
                     }
                     ClientEvent::Hello { worker, .. } => *st.worker.lock().unwrap() = worker,
+                    ClientEvent::Read { .. } => {
+                        st.read_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ClientEvent::Presence { .. } => {
+                        st.presence_frames.fetch_add(1, Ordering::Relaxed);
+                    }
                     ClientEvent::Error(ClientError::Gap { .. }) => {
                         st.gaps.fetch_add(1, Ordering::Relaxed);
                     }
@@ -456,6 +465,12 @@ impl Report {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
+        self.rows.push((label.to_string(), shown));
+        self.json.insert(key.to_string(), value);
+    }
+
+    /// A figure shown one way in the table and stored another in the JSON.
+    pub fn put_shown(&mut self, key: &str, label: &str, shown: String, value: Value) {
         self.rows.push((label.to_string(), shown));
         self.json.insert(key.to_string(), value);
     }

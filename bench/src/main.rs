@@ -2,6 +2,7 @@
 
 mod cluster;
 mod load;
+mod peer;
 mod scenarios;
 mod shard;
 
@@ -35,6 +36,22 @@ gaps, duplicates after dedup, delivered != expected, lost events):
                events lost
   storm        --clients with --missed events each reconnect at once: time
                until all are synced with their backlog, failed connects
+  peer         the same load against tether and against nginx + Nchan
+               (started here: --nginx, --nchan-module, 2 --nginx-workers,
+               in-memory channels), one after the other; both figures and
+               tether's ratio. --shape fanout,max-rate,write,connections
+               [all]: fanout at --rate (p50/p99 publish->receipt, server
+               CPU incl. PostgreSQL); max-rate: the same ramped from
+               --ramp-start [100/50] x--ramp-factor [1.25] per --step s
+               [5/1], at most --ramp-steps [20/2], until p99 > --p99-limit
+               ms [100] or anything lost; write: --write-clients [2000/40]
+               in rooms of 2, ramped from --write-ramp-start [500/50];
+               connections: --conn-clients [10000/300] in rooms of
+               --conn-members [1000/100]: time until synced, RSS each.
+               --systems tether: tether alone (no nginx). fanout and
+               the ramps start with --warmup s [3/0.5] of unmeasured load.
+               Subscribers ack once a second. Defaults: --clients
+               1000/100, --members 100/10, --rate 1000/50
 
 Target:
   --url URL[,URL...]      the gateway, http://host:port (several: standalone
@@ -100,12 +117,14 @@ pub struct Opts {
     pub open_timeout: Duration,
     /// connections: handshakes in progress at once per load process.
     pub wave: usize,
+    /// Every `--name value` given (options only one scenario reads).
+    pub kv: Vec<(String, String)>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut it = args.iter();
     let scenario = it.next().ok_or("no scenario")?.clone();
-    if !["send", "fanout", "connections", "crash", "storm"].contains(&scenario.as_str()) {
+    if !["send", "fanout", "connections", "crash", "storm", "peer"].contains(&scenario.as_str()) {
         return Err(format!("unknown scenario {scenario:?}"));
     }
     let mut kv: Vec<(String, String)> = Vec::new();
@@ -145,6 +164,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         match s {
             "send" => pick(50.0, 4.0),
             "fanout" => pick(10000.0, 200.0),
+            "peer" => pick(1000.0, 100.0),
             "connections" => pick(50000.0, 300.0),
             "crash" => pick(10000.0, 200.0),
             _ => pick(20000.0, 200.0),
@@ -154,6 +174,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         "members",
         match s {
             "crash" => 10.0,
+            "peer" => pick(100.0, 10.0),
             _ => pick(100.0, 20.0),
         },
     )? as usize;
@@ -162,6 +183,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         match s {
             "send" => pick(0.0, 200.0),
             "crash" => pick(500.0, 100.0),
+            "peer" => pick(1000.0, 50.0),
             _ => pick(1000.0, 100.0),
         },
     )?;
@@ -242,13 +264,14 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         procs: procs.max(1),
         shard,
         child: flag("child"),
-        source_addrs: flag("source-addrs") || s == "connections",
+        source_addrs: flag("source-addrs") || matches!(s, "connections" | "peer"),
         per_addr: num("per-addr", 20000.0)? as usize,
         prefix,
         drain_timeout: Duration::from_secs_f64(num("drain-timeout", 30.0)?),
         open_timeout: Duration::from_secs_f64(num("open-timeout", pick(120.0, 30.0))?),
         wave: num("wave", 500.0)?.max(1.0) as usize,
         scenario,
+        kv,
     })
 }
 
@@ -345,6 +368,11 @@ fn run(o: Opts) -> Result<bool, String> {
         rt.shutdown_timeout(Duration::from_millis(200));
         return Ok(true);
     }
+    let peer_opts = if o.scenario == "peer" {
+        Some(peer::PeerOpts::parse(&o)?)
+    } else {
+        None
+    };
     let mut cluster = if o.spawn {
         let c = Cluster::spawn(&SpawnOptions {
             tether_bin: o.tether_bin.clone(),
@@ -418,6 +446,22 @@ fn run(o: Opts) -> Result<bool, String> {
             } else {
                 scenarios::storm_report(&o, &results)
             }
+        }
+        "peer" => {
+            let po = peer_opts.as_ref().ok_or("peer options")?;
+            let nchan = peer::start_nchan(po)?;
+            if let Some(n) = &nchan {
+                eprintln!(
+                    "tether-bench: started nginx + Nchan (pid {}) on port {}",
+                    n.pid(),
+                    n.port
+                );
+            }
+            let rt = runtime();
+            let r = rt.block_on(peer::run(&o, po, &t, cluster.as_ref(), nchan.as_ref()))?;
+            rt.shutdown_timeout(Duration::from_millis(500));
+            drop(nchan);
+            r
         }
         s => {
             let rt = runtime();

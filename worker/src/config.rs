@@ -182,6 +182,18 @@ pub struct WorkerOptions {
         default_value_t = 2
     )]
     pub commit_lanes: usize,
+    /// Threads of each worker's async runtime (0: one per core). The
+    /// default, 1, is one event loop per process with as many worker
+    /// processes as cores (the supervisor's default), the nginx model: no
+    /// cross-thread wakeups. Database calls run on the blocking pool
+    /// either way.
+    #[arg(
+        long,
+        env = "TETHER_RUNTIME_THREADS",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub runtime_threads: usize,
     /// Most messages in one group commit (0 counts as 1).
     #[arg(
         long,
@@ -430,6 +442,8 @@ pub struct WorkerConfig {
     pub pool_size: u32,
     /// Dedicated committing connections (group commit lanes).
     pub commit_lanes: usize,
+    /// Async runtime threads (0: one per core).
+    pub runtime_threads: usize,
     /// Most messages in one committed batch.
     pub max_batch: usize,
     /// Sends one connection may have awaiting COMMIT.
@@ -510,6 +524,7 @@ impl WorkerArgs {
             handshake_timeout: Duration::from_millis(o.handshake_timeout_ms),
             pool_size: o.pool_size,
             commit_lanes: o.commit_lanes.max(1),
+            runtime_threads: o.runtime_threads,
             max_batch: o.max_batch.max(1),
             max_inflight: o.max_inflight.max(1),
             rate_limit: o.rate_limit,

@@ -322,7 +322,13 @@ where
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime_threads > 0 {
+        // Still the multi-threaded scheduler: the blocking pool (database
+        // calls) works the same; only the event loops are fewer.
+        builder.worker_threads(config.runtime_threads);
+    }
+    let runtime = match builder
         .enable_all()
         .thread_name(format!("{}-rt", config.worker_id))
         .build()
