@@ -9,7 +9,7 @@
 //! Without `pgbouncer` the test says SKIPPED and passes, unless
 //! `TETHER_REQUIRE_ALL=1` (as in .ci/run).
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 use tether_pgcluster::{PgBouncer, PgCluster, PgOptions};
 use tether_testkit::*;
@@ -56,24 +56,6 @@ fn admin_number(bouncer: &PgBouncer, what: &str, key: &str, column: &str) -> i64
     })
     .join()
     .unwrap()
-}
-
-async fn send(addr: std::net::SocketAddr, user: &str, c: i64, id: &str) -> Value {
-    let r = http(
-        addr,
-        "POST",
-        &format!("/v1/conversations/{c}/messages"),
-        Some(&tok(user)),
-        Some(&json!({"body": format!("hello {id}"), "client_msg_id": id})),
-    )
-    .await;
-    assert!(
-        r.status == 201 || r.status == 200,
-        "{}: {}",
-        r.status,
-        r.body
-    );
-    r.json()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,8 +105,8 @@ async fn tether_runs_behind_pgbouncer_in_transaction_mode() {
     // Sends: REST, with one retry each (exactly once), and WebSocket.
     for i in 0..30 {
         let id = format!("r{i}");
-        let first = send(a, "alice", c, &id).await;
-        let again = send(a, "alice", c, &id).await;
+        let first = send_message(a, "alice", c, &id).await.1;
+        let again = send_message(a, "alice", c, &id).await.1;
         assert_eq!(first["seq"], again["seq"], "a retry is the same event");
     }
     let mut alice = WsClient::connect(&w2.ws_url(), &tok("alice"))

@@ -12,26 +12,7 @@ use tether_testkit::*;
 const T: Duration = Duration::from_secs(30);
 
 async fn send(addr: std::net::SocketAddr, user: &str, c: i64, id: &str) -> Value {
-    send_status(addr, user, c, id).await.1
-}
-
-/// 201 for a new event, 200 for a retry of a stored one.
-async fn send_status(addr: std::net::SocketAddr, user: &str, c: i64, id: &str) -> (u16, Value) {
-    let r = http(
-        addr,
-        "POST",
-        &format!("/v1/conversations/{c}/messages"),
-        Some(&tok(user)),
-        Some(&json!({"body": format!("body of {id}"), "client_msg_id": id})),
-    )
-    .await;
-    assert!(
-        r.status == 201 || r.status == 200,
-        "{}: {}",
-        r.status,
-        r.body
-    );
-    (r.status, r.json())
+    send_message(addr, user, c, id).await.1
 }
 
 async fn horizon_reaches(db: &TestDb, c: i64, horizon: i64) -> bool {
@@ -160,9 +141,9 @@ async fn max_events_prunes_and_a_member_behind_gets_truncated_then_the_rest() {
 
     // Idempotency keys live as long as their events (README): a retry of
     // a pruned message is a new one; of a kept one, the same.
-    let (status, kept) = send_status(a, "alice", c, "m29").await;
+    let (status, kept) = send_message(a, "alice", c, "m29").await;
     assert_eq!((status, kept["seq"].as_i64()), (200, Some(30)));
-    let (status, pruned) = send_status(a, "alice", c, "m1").await;
+    let (status, pruned) = send_message(a, "alice", c, "m1").await;
     assert_eq!((status, pruned["seq"].as_i64()), (201, Some(31)));
 }
 

@@ -214,6 +214,32 @@ pub fn tok(user: &str) -> String {
     token(TEST_SECRET, user)
 }
 
+/// Sends a message as `user` over HTTP with `client_msg_id` (its body
+/// names the id); returns the status (201 new, 200 a retry of a stored
+/// one) and the event. Panics on any other status.
+pub async fn send_message(
+    addr: SocketAddr,
+    user: &str,
+    c: i64,
+    client_msg_id: &str,
+) -> (u16, Value) {
+    let r = http(
+        addr,
+        "POST",
+        &format!("/v1/conversations/{c}/messages"),
+        Some(&tok(user)),
+        Some(&serde_json::json!({"body": format!("body of {client_msg_id}"), "client_msg_id": client_msg_id})),
+    )
+    .await;
+    assert!(
+        r.status == 201 || r.status == 200,
+        "{}: {}",
+        r.status,
+        r.body
+    );
+    (r.status, r.json())
+}
+
 /// Creates a conversation as `creator` with `members` (over HTTP); returns
 /// its id. Panics unless the answer is 201.
 pub async fn create_conversation<S: AsRef<str>>(
